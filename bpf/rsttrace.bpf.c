@@ -1,0 +1,434 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * rsttrace BPF programs, compiled by bcc at start.
+ *
+ * rsttrace/codegen.py prepends a prelude generated from the RUNNING kernel:
+ *  - one packed struct per tracepoint, built from its tracefs format file (never from kernel
+ *    headers: a 6.18 format names `enum sk_rst_reason`, which the 6.1 headers bcc compiles with
+ *    do not define, and bcc's TRACEPOINT_PROBE copies such type names verbatim and fails);
+ *  - HAVE_* / *_HAS_* macros saying which fields each tracepoint has on this kernel;
+ *  - OFF_* byte offsets of struct sock / sk_buff / net fields read from BTF (-1 when unknown),
+ *    so no layout ever comes from mismatched headers;
+ *  - RSTTRACE_TCP_LISTEN, DROP_REASON_LISTEN_OVERFLOW: enum values read from BTF / tracefs.
+ *
+ * Everything here stores raw numbers; user space names them.
+ */
+#include "rsttrace.h"
+
+/* Network to host order for 16 bits; BPF runs in the host's byte order. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define rst_ntohs(x) __builtin_bswap16(x)
+#else
+#define rst_ntohs(x) (x)
+#endif
+
+#ifdef RSTTRACE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RSTTRACE_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+BPF_PERCPU_HASH(counters, struct rsttrace_counter_key, u64, RSTTRACE_COUNTER_ENTRIES);
+/* Where a count goes when "counters" is full, by kind: nothing counted is ever dropped. */
+BPF_PERCPU_ARRAY(counters_spill, u64, RSTTRACE_KIND_MAX);
+BPF_PERCPU_ARRAY(stats, u64, RSTTRACE_STAT_MAX);
+
+static __always_inline void stat_inc(u32 slot)
+{
+	u64 *v = stats.lookup(&slot);
+	if (v)
+		(*v)++;
+}
+
+static __always_inline void count(struct rsttrace_counter_key *key)
+{
+	u64 *v = counters.lookup(key);
+	if (v) {
+		/* Per-CPU slot, and tracing programs do not nest on a CPU: a plain add is exact. */
+		(*v)++;
+		return;
+	}
+	u64 one = 1;
+	/* BPF_ANY: if another CPU inserted the key meanwhile, this writes only our CPU's slot,
+	 * which was still 0, so the count stays exact. */
+	if (counters.update(key, &one) != 0) {
+		u32 kind = key->kind;
+		u64 *s = counters_spill.lookup(&kind);
+		if (s)
+			(*s)++;
+		stat_inc(RSTTRACE_STAT_COUNTER_FULL);
+	}
+}
+
+static __always_inline void emit(void *ctx, struct rsttrace_event *e)
+{
+#ifdef RSTTRACE_NO_EVENTS
+	return;
+#endif
+#ifdef RSTTRACE_KIND_MASK
+	if (!(RSTTRACE_KIND_MASK & (1 << e->kind)))
+		return;
+#endif
+#ifdef RSTTRACE_NETNS_FILTER
+	if (e->netns != RSTTRACE_NETNS_FILTER)
+		return;
+#endif
+#ifdef RSTTRACE_RINGBUF
+	if (events.ringbuf_output(e, sizeof(*e), 0) != 0) {
+		stat_inc(RSTTRACE_STAT_RINGBUF_FULL);
+		return;
+	}
+#else
+	/* A full perf buffer is reported to user space by the lost callback; counting it here
+	 * too would count each loss twice. */
+	events.perf_submit(ctx, e, sizeof(*e));
+#endif
+	stat_inc(RSTTRACE_STAT_EVENTS);
+}
+
+/* --- reading kernel memory at BTF-derived offsets ------------------------------------- */
+
+static __always_inline u32 net_inum(const void *net)
+{
+	u32 inum = 0;
+#if OFF_NET_INUM >= 0
+	if (net)
+		bpf_probe_read_kernel(&inum, sizeof(inum), (const char *)net + OFF_NET_INUM);
+#endif
+	return inum;
+}
+
+static __always_inline u32 sk_netns(const void *sk)
+{
+	const void *net = 0;
+#if OFF_SK_NET >= 0
+	bpf_probe_read_kernel(&net, sizeof(net), (const char *)sk + OFF_SK_NET);
+#endif
+	return net_inum(net);
+}
+
+static __always_inline u32 skb_dev_netns(const void *skb)
+{
+	const void *dev = 0, *net = 0;
+#if OFF_SKB_DEV >= 0 && OFF_DEV_NET >= 0
+	bpf_probe_read_kernel(&dev, sizeof(dev), (const char *)skb + OFF_SKB_DEV);
+	if (dev)
+		bpf_probe_read_kernel(&net, sizeof(net), (const char *)dev + OFF_DEV_NET);
+#endif
+	return net_inum(net);
+}
+
+static __always_inline u8 sk_state(const void *sk)
+{
+	u8 state = 0;
+#if OFF_SK_STATE >= 0
+	bpf_probe_read_kernel(&state, sizeof(state), (const char *)sk + OFF_SK_STATE);
+#endif
+	return state;
+}
+
+static __always_inline u16 sk_family(const void *sk)
+{
+	u16 family = 0;
+#if OFF_SK_FAMILY >= 0
+	bpf_probe_read_kernel(&family, sizeof(family), (const char *)sk + OFF_SK_FAMILY);
+#endif
+	return family;
+}
+
+static __always_inline u64 sk_cookie(const void *sk)
+{
+	u64 cookie = 0;
+#if OFF_SK_COOKIE >= 0
+	bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)sk + OFF_SK_COOKIE);
+#endif
+	return cookie;
+}
+
+static __always_inline u64 sk_cgroup_id(const void *sk)
+{
+	u64 id = 0;
+#if OFF_SK_CGROUP >= 0 && OFF_CGROUP_KN >= 0 && OFF_KN_ID >= 0
+	const void *cgrp = 0, *kn = 0;
+	bpf_probe_read_kernel(&cgrp, sizeof(cgrp), (const char *)sk + OFF_SK_CGROUP);
+	if (cgrp)
+		bpf_probe_read_kernel(&kn, sizeof(kn), (const char *)cgrp + OFF_CGROUP_KN);
+	if (kn)
+		bpf_probe_read_kernel(&id, sizeof(id), (const char *)kn + OFF_KN_ID);
+#endif
+	return id;
+}
+
+/* Local address/port of a socket from struct sock_common (a listener's bound address). */
+static __always_inline void sk_local(const void *sk, struct rsttrace_event *e)
+{
+	u16 num = 0;
+#if OFF_SK_NUM >= 0
+	bpf_probe_read_kernel(&num, sizeof(num), (const char *)sk + OFF_SK_NUM);
+#endif
+	e->lport = num; /* skc_num is host byte order */
+	e->family = sk_family(sk);
+	if (e->family == RSTTRACE_AF_INET) {
+#if OFF_SK_RCV_SADDR >= 0
+		bpf_probe_read_kernel(e->laddr, 4, (const char *)sk + OFF_SK_RCV_SADDR);
+#endif
+	} else {
+#if OFF_SK_V6_RCV_SADDR >= 0
+		bpf_probe_read_kernel(e->laddr, 16, (const char *)sk + OFF_SK_V6_RCV_SADDR);
+#endif
+	}
+}
+
+/*
+ * The owner's pid/comm, only when a task holds the socket lock (sk_lock.owned): then we run in
+ * that task's process context (close, shutdown, disconnect, tcp_abort, or release_sock's
+ * backlog processing). In softirq the current task is a bystander, so nothing is reported.
+ */
+static __always_inline void owner(const void *sk, struct rsttrace_event *e)
+{
+#if OFF_SK_LOCK_OWNED >= 0
+	int owned = 0;
+	bpf_probe_read_kernel(&owned, sizeof(owned), (const char *)sk + OFF_SK_LOCK_OWNED);
+	if (!owned)
+		return;
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->flags |= RSTTRACE_F_PROCESS;
+#endif
+}
+
+/*
+ * Addresses from the packet (an incoming skb): its source is the remote side. Used when the
+ * kernel passes the listener socket (tcp_check_req resets, accept-queue overflows), whose own
+ * addresses are the wildcard bind, not the peer.
+ */
+static __always_inline int skb_tuple(const void *skb, struct rsttrace_event *e)
+{
+#if OFF_SKB_HEAD >= 0 && OFF_SKB_NETWORK_HEADER >= 0 && OFF_SKB_TRANSPORT_HEADER >= 0
+	const unsigned char *head = 0;
+	u16 nh = 0, th = 0;
+	u8 vihl = 0;
+	u16 ports[2] = {};
+
+	bpf_probe_read_kernel(&head, sizeof(head), (const char *)skb + OFF_SKB_HEAD);
+	bpf_probe_read_kernel(&nh, sizeof(nh), (const char *)skb + OFF_SKB_NETWORK_HEADER);
+	bpf_probe_read_kernel(&th, sizeof(th), (const char *)skb + OFF_SKB_TRANSPORT_HEADER);
+	/* (u16)~0U means "not set" (skb_transport_header_was_set) */
+	if (!head || nh == 0xffff || th == 0xffff)
+		return -1;
+	bpf_probe_read_kernel(&vihl, 1, head + nh);
+	if ((vihl >> 4) == 4) {
+		e->family = RSTTRACE_AF_INET;
+		bpf_probe_read_kernel(e->raddr, 4, head + nh + 12);
+		bpf_probe_read_kernel(e->laddr, 4, head + nh + 16);
+	} else if ((vihl >> 4) == 6) {
+		e->family = RSTTRACE_AF_INET6;
+		bpf_probe_read_kernel(e->raddr, 16, head + nh + 8);
+		bpf_probe_read_kernel(e->laddr, 16, head + nh + 24);
+	} else {
+		return -1;
+	}
+	bpf_probe_read_kernel(ports, sizeof(ports), head + th);
+	e->rport = rst_ntohs(ports[0]);
+	e->lport = rst_ntohs(ports[1]);
+	return 0;
+#else
+	return -1;
+#endif
+}
+
+/* A sockaddr_in / sockaddr_in6 as the 6.10+ tracepoints store them (28 bytes). */
+static __always_inline void from_sockaddr(const u8 *sa, u8 *addr, u16 *port, u16 *family)
+{
+	u16 fam = 0, p = 0;
+	__builtin_memcpy(&fam, sa, 2);
+	__builtin_memcpy(&p, sa + 2, 2);
+	*family = fam;
+	*port = rst_ntohs(p);
+	if (fam == RSTTRACE_AF_INET)
+		__builtin_memcpy(addr, sa + 4, 4);
+	else if (fam == RSTTRACE_AF_INET6)
+		__builtin_memcpy(addr, sa + 8, 16);
+}
+
+static __always_inline void count_event(struct rsttrace_event *e)
+{
+	struct rsttrace_counter_key key = {};
+	key.netns = e->netns;
+	key.reason = e->reason;
+	key.kind = e->kind;
+	key.state = e->state;
+	key.family = (u8)e->family;
+	if (e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_ACK)
+		key.port = e->lport;
+	count(&key);
+}
+
+/* --- tcp:tcp_send_reset -------------------------------------------------------------- */
+#ifdef HAVE_TP_SEND_RESET
+int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
+{
+	struct rsttrace_event e = {};
+	const void *sk = (const void *)args->skaddr;
+	const void *skb = (const void *)args->skbaddr;
+
+	e.ktime_ns = bpf_ktime_get_ns();
+	e.kind = RSTTRACE_KIND_SENT;
+#ifdef SEND_HAS_REASON
+	e.reason = args->reason;
+#else
+	e.reason = RSTTRACE_REASON_NONE;
+#endif
+#ifdef SEND_HAS_STATE
+	e.state = (u8)args->state;
+#else
+	if (sk)
+		e.state = sk_state(sk);
+#endif
+	if (!skb)
+		e.flags |= RSTTRACE_F_ACTIVE;
+
+#ifdef SEND_ADDR_SOCKADDR
+	{
+		u8 sa[28];
+		bpf_probe_read_kernel(sa, sizeof(sa), args->saddr);
+		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
+		bpf_probe_read_kernel(sa, sizeof(sa), args->daddr);
+		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
+	}
+#else
+	e.lport = args->sport;
+	e.rport = args->dport;
+#ifdef SEND_HAS_FAMILY
+	e.family = args->family;
+#else
+	if (sk)
+		e.family = sk_family(sk);
+#endif
+	if (e.family == RSTTRACE_AF_INET6) {
+		bpf_probe_read_kernel(e.laddr, 16, args->saddr_v6);
+		bpf_probe_read_kernel(e.raddr, 16, args->daddr_v6);
+	} else {
+		bpf_probe_read_kernel(e.laddr, 4, args->saddr);
+		bpf_probe_read_kernel(e.raddr, 4, args->daddr);
+	}
+#endif
+
+	if (sk) {
+		e.netns = sk_netns(sk);
+		e.cookie = sk_cookie(sk);
+		/* tcp_check_req passes the listener (net/ipv4/tcp_minisocks.c embryonic_reset):
+		 * its addresses are the bind address with port 0 for the peer; the packet has the
+		 * real peer. */
+		if (e.state == RSTTRACE_TCP_LISTEN && skb) {
+			if (skb_tuple(skb, &e) == 0)
+				e.flags |= RSTTRACE_F_PEER_FROM_SKB;
+		} else {
+			owner(sk, &e);
+			e.cgroup_id = sk_cgroup_id(sk);
+		}
+	} else if (skb) {
+		e.netns = skb_dev_netns(skb);
+		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
+	}
+
+	count_event(&e);
+	emit(args, &e);
+	return 0;
+}
+#endif
+
+/* --- tcp:tcp_receive_reset ----------------------------------------------------------- */
+#ifdef HAVE_TP_RECEIVE_RESET
+int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
+{
+	struct rsttrace_event e = {};
+	const void *sk = (const void *)args->skaddr;
+
+	e.ktime_ns = bpf_ktime_get_ns();
+	e.kind = RSTTRACE_KIND_RECEIVED;
+	e.reason = RSTTRACE_REASON_NONE;
+#ifdef RECV_ADDR_SOCKADDR
+	{
+		u8 sa[28];
+		bpf_probe_read_kernel(sa, sizeof(sa), args->saddr);
+		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
+		bpf_probe_read_kernel(sa, sizeof(sa), args->daddr);
+		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
+	}
+#else
+	e.lport = args->sport;
+	e.rport = args->dport;
+#ifdef RECV_HAS_FAMILY
+	e.family = args->family;
+#else
+	if (sk)
+		e.family = sk_family(sk);
+#endif
+	if (e.family == RSTTRACE_AF_INET6) {
+		bpf_probe_read_kernel(e.laddr, 16, args->saddr_v6);
+		bpf_probe_read_kernel(e.raddr, 16, args->daddr_v6);
+	} else {
+		bpf_probe_read_kernel(e.laddr, 4, args->saddr);
+		bpf_probe_read_kernel(e.raddr, 4, args->daddr);
+	}
+#endif
+#ifdef RECV_HAS_COOKIE
+	e.cookie = args->sock_cookie;
+#endif
+	if (sk) {
+		e.state = sk_state(sk);
+		e.netns = sk_netns(sk);
+#ifndef RECV_HAS_COOKIE
+		e.cookie = sk_cookie(sk);
+#endif
+		owner(sk, &e);
+		e.cgroup_id = sk_cgroup_id(sk);
+	}
+	count_event(&e);
+	emit(args, &e);
+	return 0;
+}
+#endif
+
+/* --- skb:kfree_skb, reason TCP_LISTEN_OVERFLOW (final ACK, accept queue full) ---------- */
+#ifdef HAVE_TP_LISTEN_OVERFLOW_ACK
+int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
+{
+	/* kfree_skb fires for every dropped packet: leave at once unless it is ours. */
+	if (args->reason != DROP_REASON_LISTEN_OVERFLOW)
+		return 0;
+
+	struct rsttrace_event e = {};
+	const void *sk = (const void *)args->rx_sk;
+	const void *skb = (const void *)args->skbaddr;
+
+	e.ktime_ns = bpf_ktime_get_ns();
+	e.kind = RSTTRACE_KIND_LISTEN_OVERFLOW_ACK;
+	e.reason = args->reason;
+	if (sk) {
+		e.state = sk_state(sk);
+		e.netns = sk_netns(sk);
+		sk_local(sk, &e);
+#if OFF_SK_ACK_BACKLOG >= 0 && OFF_SK_MAX_ACK_BACKLOG >= 0
+		bpf_probe_read_kernel(&e.backlog, sizeof(e.backlog), (const char *)sk + OFF_SK_ACK_BACKLOG);
+		bpf_probe_read_kernel(&e.max_backlog, sizeof(e.max_backlog),
+				      (const char *)sk + OFF_SK_MAX_ACK_BACKLOG);
+#endif
+	} else {
+		e.netns = skb_dev_netns(skb);
+		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
+	}
+	{
+		/* The packet names the peer; keep the listener's port if the packet is unreadable. */
+		u16 lport = e.lport;
+		if (skb_tuple(skb, &e) == 0)
+			e.flags |= RSTTRACE_F_PEER_FROM_SKB;
+		else
+			e.lport = lport;
+	}
+	count_event(&e);
+	emit(args, &e);
+	return 0;
+}
+#endif

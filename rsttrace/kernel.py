@@ -1,0 +1,300 @@
+"""What the running kernel offers, read at start: tracepoint layouts, reason names, offsets.
+
+Nothing here is keyed on a version number. Each fact comes from the kernel's own description of
+itself — tracefs format files for tracepoint records and their ``__print_symbolic`` tables, BTF
+for struct layouts and enum values — so a kernel that renumbers ``sk_rst_reason`` (6.12 did) or
+moves a ``struct sock`` field is handled without a release of ours. Missing pieces become
+warnings and the dependent feature is switched off, never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .btf import Btf, BtfError
+from .tracefs import EventFormat, Tracefs
+
+# C macro -> BTF member paths, first that resolves wins. Expected size guards against a field
+# that kept its name but changed type (we would read garbage otherwise).
+OFFSETS: Dict[str, Tuple[Tuple[str, ...], int]] = {
+    "OFF_SK_NET": (("sock.__sk_common.skc_net.net",), 8),
+    "OFF_NET_INUM": (("net.ns.inum",), 4),
+    "OFF_SK_STATE": (("sock.__sk_common.skc_state",), 1),
+    "OFF_SK_FAMILY": (("sock.__sk_common.skc_family",), 2),
+    "OFF_SK_NUM": (("sock.__sk_common.skc_num",), 2),
+    "OFF_SK_RCV_SADDR": (("sock.__sk_common.skc_rcv_saddr",), 4),
+    "OFF_SK_V6_RCV_SADDR": (("sock.__sk_common.skc_v6_rcv_saddr",), 16),
+    "OFF_SK_LOCK_OWNED": (("sock.sk_lock.owned",), 4),
+    "OFF_SK_COOKIE": (("sock.__sk_common.skc_cookie",), 8),
+    "OFF_SK_ACK_BACKLOG": (("sock.sk_ack_backlog",), 4),
+    "OFF_SK_MAX_ACK_BACKLOG": (("sock.sk_max_ack_backlog",), 4),
+    "OFF_SK_CGROUP": (("sock.sk_cgrp_data.cgroup",), 8),
+    "OFF_CGROUP_KN": (("cgroup.kn",), 8),
+    "OFF_KN_ID": (("kernfs_node.id",), 8),
+    "OFF_SKB_HEAD": (("sk_buff.head",), 8),
+    "OFF_SKB_NETWORK_HEADER": (("sk_buff.network_header",), 2),
+    "OFF_SKB_TRANSPORT_HEADER": (("sk_buff.transport_header",), 2),
+    "OFF_SKB_DEV": (("sk_buff.dev",), 8),
+    "OFF_DEV_NET": (("net_device.nd_net.net",), 8),
+}
+
+# What each offset is needed for, to say what degrades when one is missing.
+OFFSET_PURPOSE = {
+    "OFF_SK_NET": "netns of events",
+    "OFF_NET_INUM": "netns of events",
+    "OFF_SK_STATE": "state of received resets",
+    "OFF_SK_FAMILY": "family where the tracepoint lacks it",
+    "OFF_SK_NUM": "listener port of overflows",
+    "OFF_SK_RCV_SADDR": "listener address of overflows",
+    "OFF_SK_V6_RCV_SADDR": "listener address of overflows",
+    "OFF_SK_LOCK_OWNED": "pid/comm of the socket owner",
+    "OFF_SK_COOKIE": "socket cookie of sent resets",
+    "OFF_SK_ACK_BACKLOG": "listener backlog",
+    "OFF_SK_MAX_ACK_BACKLOG": "listener backlog",
+    "OFF_SK_CGROUP": "cgroup id of the socket owner",
+    "OFF_CGROUP_KN": "cgroup id of the socket owner",
+    "OFF_KN_ID": "cgroup id of the socket owner",
+    "OFF_SKB_HEAD": "peer address from the packet",
+    "OFF_SKB_NETWORK_HEADER": "peer address from the packet",
+    "OFF_SKB_TRANSPORT_HEADER": "peer address from the packet",
+    "OFF_SKB_DEV": "netns of no-socket resets",
+    "OFF_DEV_NET": "netns of no-socket resets",
+}
+
+
+@dataclass
+class Hook:
+    """One event source and whether this kernel lets us use it."""
+
+    kind: str  # contract kind it feeds
+    source: str  # e.g. "tracepoint tcp:tcp_send_reset"
+    available: bool
+    detail: str  # why (not), or what degrades
+
+
+@dataclass
+class KernelFacts:
+    release: str
+    tracefs: Optional[str]
+    btf_path: Optional[str]
+    send_reset: Optional[EventFormat] = None
+    receive_reset: Optional[EventFormat] = None
+    kfree_skb: Optional[EventFormat] = None
+    rst_reasons: Dict[int, str] = field(default_factory=dict)
+    drop_reasons: Dict[int, str] = field(default_factory=dict)
+    tcp_states: Dict[int, str] = field(default_factory=dict)
+    offsets: Dict[str, int] = field(default_factory=dict)
+    listen_overflow_reason: Optional[int] = None
+    tcp_listen: Optional[int] = None
+    ringbuf: bool = False
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def send_has_reason(self) -> bool:
+        return self.send_reset is not None and self.send_reset.has("reason")
+
+    def hooks(self) -> List[Hook]:
+        out: List[Hook] = []
+        s = self.send_reset
+        if s is None:
+            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", False, "not in this kernel (needs 4.15+)"))
+        elif self.send_has_reason:
+            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", True, "with the kernel's reason"))
+        else:
+            out.append(
+                Hook(
+                    "sent",
+                    "tracepoint tcp:tcp_send_reset",
+                    True,
+                    "no reason field (kernel < 6.10): reasons inferred; resets without a full "
+                    "socket (closed port, TIME_WAIT) are not seen by this tracepoint",
+                )
+            )
+        r = self.receive_reset
+        out.append(
+            Hook(
+                "received",
+                "tracepoint tcp:tcp_receive_reset",
+                r is not None,
+                "" if r is not None else "not in this kernel (needs 4.15+)",
+            )
+        )
+        k = self.kfree_skb
+        if self.listen_overflow_reason is not None:
+            out.append(Hook("listen_overflow_ack", "tracepoint skb:kfree_skb reason TCP_LISTEN_OVERFLOW", True, ""))
+        else:
+            why = "skb:kfree_skb missing" if k is None else "drop reason TCP_LISTEN_OVERFLOW not in this kernel (6.15+)"
+            out.append(
+                Hook(
+                    "listen_overflow_ack",
+                    "kernel counters TcpExt ListenOverflows (per netns, polled)",
+                    True,
+                    why + ": counted from ListenOverflows with the listeners at their limit",
+                )
+            )
+        out.append(
+            Hook(
+                "listen_overflow_syn",
+                "kernel counters TcpExt ListenOverflows (per netns, polled)",
+                True,
+                "no tracepoint fires for it; counter-derived",
+            )
+        )
+        out.append(
+            Hook(
+                "syn_queue_overflow",
+                "kernel counters TcpExt TCPReqQFullDrop/TCPReqQFullDoCookies (per netns, polled)",
+                True,
+                "no tracepoint fires for it; counter-derived",
+            )
+        )
+        return out
+
+    def macros(self) -> Dict[str, str]:
+        """#defines the BPF program is built with (see bpf/rsttrace.bpf.c)."""
+        m: Dict[str, str] = {}
+        for name in OFFSETS:
+            m[name] = str(self.offsets.get(name, -1))
+        m["RSTTRACE_TCP_LISTEN"] = str(self.tcp_listen if self.tcp_listen is not None else 0xFFFF)
+        s = self.send_reset
+        if s is not None and _addr_layout(s) and s.has("skaddr") and s.has("skbaddr"):
+            m["HAVE_TP_SEND_RESET"] = "1"
+            if s.has("reason"):
+                m["SEND_HAS_REASON"] = "1"
+            if s.has("state"):
+                m["SEND_HAS_STATE"] = "1"
+            if _addr_layout(s) == "sockaddr":
+                m["SEND_ADDR_SOCKADDR"] = "1"
+            elif s.has("family"):
+                m["SEND_HAS_FAMILY"] = "1"
+        r = self.receive_reset
+        if r is not None and _addr_layout(r) and r.has("skaddr"):
+            m["HAVE_TP_RECEIVE_RESET"] = "1"
+            if _addr_layout(r) == "sockaddr":
+                m["RECV_ADDR_SOCKADDR"] = "1"
+            elif r.has("family"):
+                m["RECV_HAS_FAMILY"] = "1"
+            if r.has("sock_cookie"):
+                m["RECV_HAS_COOKIE"] = "1"
+        if self.listen_overflow_reason is not None:
+            m["HAVE_TP_LISTEN_OVERFLOW_ACK"] = "1"
+            m["DROP_REASON_LISTEN_OVERFLOW"] = str(self.listen_overflow_reason)
+        if self.ringbuf:
+            m["RSTTRACE_RINGBUF"] = "1"
+        return m
+
+    def state_name(self, raw: int) -> Optional[str]:
+        if raw == 0:
+            return None  # "Zero means unknown state" (include/trace/events/tcp.h): no socket
+        return self.tcp_states.get(raw, "unknown:%d" % raw)
+
+    def reason_name(self, kind: str, raw: Optional[int]) -> Optional[str]:
+        if raw is None:
+            return None
+        table = self.drop_reasons if kind == "listen_overflow_ack" else self.rst_reasons
+        return table.get(raw, "unknown:%d" % raw)
+
+
+def _addr_layout(fmt: EventFormat) -> str:
+    """"sockaddr" (6.10+: saddr/daddr are sockaddr_in6-sized), "split" (saddr + saddr_v6), or ""."""
+    sa, da = fmt.field("saddr"), fmt.field("daddr")
+    if sa is None or da is None:
+        return ""
+    if sa.size >= 28 and da.size >= 28:
+        return "sockaddr"
+    if sa.size == 4 and fmt.has("saddr_v6") and fmt.has("daddr_v6") and fmt.has("sport") and fmt.has("dport"):
+        return "split"
+    return ""
+
+
+def _numeric_table(fmt: Optional[EventFormat], field_name: str) -> Dict[int, str]:
+    if fmt is None:
+        return {}
+    out: Dict[int, str] = {}
+    for value, name in fmt.symbolic(field_name):
+        try:
+            out[int(value, 0)] = name
+        except ValueError:
+            continue
+    return out
+
+
+def _ringbuf_supported(btf: Optional[Btf]) -> bool:
+    """BPF_MAP_TYPE_RINGBUF exists in this kernel's enum bpf_map_type (5.8+)."""
+    if btf is None:
+        return False
+    try:
+        btf.enum_value("BPF_MAP_TYPE_RINGBUF", "bpf_map_type")
+        return True
+    except BtfError:
+        return False
+
+
+def gather(tracefs_root: Optional[str], btf_path: Optional[str] = "/sys/kernel/btf/vmlinux",
+           release: Optional[str] = None) -> KernelFacts:
+    """Read every fact rsttrace needs. Fixture directories work as well as the live kernel."""
+    facts = KernelFacts(release=release or platform.release(), tracefs=tracefs_root, btf_path=None)
+    if tracefs_root:
+        tfs = Tracefs(tracefs_root)
+        facts.send_reset = tfs.format("tcp", "tcp_send_reset")
+        facts.receive_reset = tfs.format("tcp", "tcp_receive_reset")
+        facts.kfree_skb = tfs.format("skb", "kfree_skb")
+    else:
+        facts.warnings.append("tracefs not available: no tracepoint can be attached")
+
+    btf: Optional[Btf] = None
+    if btf_path and os.path.exists(btf_path):
+        try:
+            btf = Btf.load(btf_path)
+            facts.btf_path = btf_path
+        except BtfError as e:
+            facts.warnings.append("BTF unreadable (%s): struct fields will not be read" % e)
+    else:
+        facts.warnings.append(
+            "no BTF at %s (CONFIG_DEBUG_INFO_BTF): netns, state of received resets, owner pid, "
+            "listener details and TCP state names are unavailable" % btf_path
+        )
+
+    facts.rst_reasons = _numeric_table(facts.send_reset, "reason")
+    facts.drop_reasons = _numeric_table(facts.kfree_skb, "reason")
+    if facts.kfree_skb is not None and facts.kfree_skb.has("reason"):
+        for raw, name in facts.drop_reasons.items():
+            if name == "TCP_LISTEN_OVERFLOW":
+                facts.listen_overflow_reason = raw
+
+    if btf is not None:
+        missing: List[str] = []
+        for macro, (paths, size) in OFFSETS.items():
+            for path in paths:
+                try:
+                    mem = btf.member(path)
+                except BtfError:
+                    continue
+                if mem.size == size and not mem.bitfield:
+                    facts.offsets[macro] = mem.offset
+                    break
+            else:
+                missing.append(macro)
+        degraded = sorted({OFFSET_PURPOSE[m] for m in missing})
+        if degraded:
+            facts.warnings.append("BTF lacks fields for: %s (left empty)" % ", ".join(degraded))
+        facts.ringbuf = _ringbuf_supported(btf)
+        # TCP state names: the tracepoints print them symbolically (TCP_ESTABLISHED, ...);
+        # BTF gives the numbers. Read the names from the format file so new states appear too.
+        names = [n for _v, n in (facts.send_reset.symbolic("state") if facts.send_reset else [])]
+        if not names:
+            names = [
+                "TCP_ESTABLISHED", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2",
+                "TCP_TIME_WAIT", "TCP_CLOSE", "TCP_CLOSE_WAIT", "TCP_LAST_ACK", "TCP_LISTEN",
+                "TCP_CLOSING", "TCP_NEW_SYN_RECV",
+            ]  # names only; values still come from BTF
+        for n in names:
+            try:
+                facts.tcp_states[btf.enum_value(n)] = n
+            except BtfError:
+                continue
+        facts.tcp_listen = next((v for v, n in facts.tcp_states.items() if n == "TCP_LISTEN"), None)
+    return facts

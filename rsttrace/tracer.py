@@ -1,0 +1,189 @@
+"""Compile, attach, read and detach rsttrace's BPF programs with bcc."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import codegen
+from . import contract as c
+from .bccload import BccMissing, bcc_version, import_bcc, kernel_headers
+from .kernel import KernelFacts
+
+# (kind, reason raw or None, state raw, family raw, netns, port) -> count
+CounterTuple = Tuple[int, Optional[int], int, int, int, int]
+
+
+class TracerError(Exception):
+    """Tracing cannot start; the message says what to do."""
+
+
+@dataclass
+class TraceOptions:
+    events: bool = True  # False: counters only, nothing crosses to user space
+    kinds: Optional[List[str]] = None  # only these kinds become events (counters count all)
+    netns: Optional[int] = None  # only this netns becomes events
+    ring_pages: int = 64  # ring/perf buffer pages (per CPU for perf)
+    counter_entries: int = 16384
+
+
+@dataclass
+class Attachment:
+    program: str
+    hook: str
+    attached: bool
+    detail: str = ""
+
+
+@dataclass
+class Tracer:
+    facts: KernelFacts
+    options: TraceOptions = field(default_factory=TraceOptions)
+    bpf: Any = None
+    attachments: List[Attachment] = field(default_factory=list)
+    user_lost: int = 0
+    headers: str = ""
+    bcc_version: str = ""
+    _bcc: Optional[ModuleType] = None
+    _callback: Optional[Callable[[c.RawEvent], None]] = None
+
+    def extra_macros(self) -> Dict[str, str]:
+        m: Dict[str, str] = {"RSTTRACE_RINGBUF_PAGES": str(self.options.ring_pages),
+                             "RSTTRACE_COUNTER_ENTRIES": str(self.options.counter_entries)}
+        if not self.options.events:
+            m["RSTTRACE_NO_EVENTS"] = "1"
+        if self.options.kinds:
+            mask = 0
+            for k in self.options.kinds:
+                mask |= 1 << c.KIND_BY_NAME[k]
+            m["RSTTRACE_KIND_MASK"] = "0x%x" % mask
+        if self.options.netns is not None:
+            m["RSTTRACE_NETNS_FILTER"] = "%uU" % self.options.netns
+        return m
+
+    def source(self) -> str:
+        return codegen.program(self.facts, self.extra_macros())
+
+    def start(self, callback: Optional[Callable[[c.RawEvent], None]] = None) -> None:
+        """Compile and attach. Raises TracerError with a one-line fix on failure."""
+        try:
+            bcc = import_bcc()
+        except BccMissing as e:
+            raise TracerError(str(e)) from e
+        self._bcc = bcc
+        self.bcc_version = bcc_version(bcc)
+        try:
+            src_dir, self.headers = kernel_headers(self.facts.release)
+        except (BccMissing, OSError) as e:
+            raise TracerError(str(e)) from e
+        if src_dir:
+            os.environ["BCC_KERNEL_SOURCE"] = src_dir
+        ringbuf = self.facts.ringbuf and hasattr(bcc.BPF, "ring_buffer_poll")
+        if self.facts.ringbuf and not ringbuf:
+            self.facts.ringbuf = False  # this bcc predates BPF_RINGBUF_OUTPUT: use perf
+        text = self.source()
+        try:
+            self.bpf = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function", "-Wno-unused-variable"])
+        except Exception as e:
+            raise TracerError("compiling the BPF program failed: %s (headers: %s)" % (_first_line(e), self.headers)) from e
+        macros = self.facts.macros()
+        plan = [
+            ("rsttrace_send_reset", "tcp:tcp_send_reset", "HAVE_TP_SEND_RESET"),
+            ("rsttrace_receive_reset", "tcp:tcp_receive_reset", "HAVE_TP_RECEIVE_RESET"),
+            ("rsttrace_kfree_skb", "skb:kfree_skb", "HAVE_TP_LISTEN_OVERFLOW_ACK"),
+        ]
+        try:
+            for fn, tp, macro in plan:
+                if macro not in macros:
+                    self.attachments.append(Attachment(fn, tp, False, "not available on this kernel"))
+                    continue
+                try:
+                    self.bpf.attach_tracepoint(tp=tp, fn_name=fn.encode())
+                    self.attachments.append(Attachment(fn, tp, True))
+                except Exception as e:
+                    self.attachments.append(Attachment(fn, tp, False, _first_line(e)))
+            if not any(a.attached for a in self.attachments):
+                raise TracerError(
+                    "no tracepoint could be attached: %s"
+                    % "; ".join("%s: %s" % (a.hook, a.detail) for a in self.attachments)
+                )
+            if self.options.events:
+                self._callback = callback
+                self._open_buffer()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_buffer(self) -> None:
+        cb = self._callback
+
+        def on_event(_ctx: Any, data: Any, _size: int) -> int:
+            if cb is not None:
+                cb(ctypes.cast(data, ctypes.POINTER(c.RawEvent)).contents)
+            return 0
+
+        def on_perf(_cpu: int, data: Any, size: int) -> None:
+            on_event(None, data, size)
+
+        def on_lost(count: int) -> None:
+            self.user_lost += count
+
+        if self.facts.ringbuf:
+            self.bpf["events"].open_ring_buffer(on_event)
+        else:
+            self.bpf["events"].open_perf_buffer(on_perf, page_cnt=self.options.ring_pages, lost_cb=on_lost)
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        if self.bpf is None or not self.options.events:
+            time.sleep(timeout_ms / 1000.0)
+            return
+        if self.facts.ringbuf:
+            self.bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self.bpf.perf_buffer_poll(timeout_ms)
+
+    def counters(self) -> Dict[CounterTuple, int]:
+        """Exact in-kernel counts, summed over CPUs. Spilled counts (map full) appear with
+        netns 0 and reason None."""
+        out: Dict[CounterTuple, int] = {}
+        if self.bpf is None:
+            return out
+        for k, v in self.bpf["counters"].items():
+            total = sum(int(x) for x in v)
+            reason = None if k.reason == c.REASON_NONE else int(k.reason)
+            key: CounterTuple = (int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port))
+            out[key] = out.get(key, 0) + total
+        for k, v in self.bpf["counters_spill"].items():
+            total = sum(int(x) for x in v)
+            if total:
+                key = (int(k.value), None, 0, 0, 0, 0)
+                out[key] = out.get(key, 0) + total
+        return out
+
+    def stats(self) -> Dict[str, int]:
+        s = {"events": 0, "lost_kernel": 0, "counter_map_full": 0, "lost_user": self.user_lost}
+        if self.bpf is None:
+            return s
+        names = {c.STAT_EVENTS: "events", c.STAT_RINGBUF_FULL: "lost_kernel", c.STAT_COUNTER_FULL: "counter_map_full"}
+        for k, v in self.bpf["stats"].items():
+            name = names.get(int(k.value))
+            if name:
+                s[name] = sum(int(x) for x in v)
+        return s
+
+    def close(self) -> None:
+        """Detach and unload everything (bcc's cleanup closes every program and map fd)."""
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            finally:
+                self.bpf = None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or e.__class__.__name__
+    return text.splitlines()[0] if text else text

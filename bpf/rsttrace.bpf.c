@@ -261,6 +261,8 @@ static __always_inline void count_event(struct rsttrace_event *e)
 	key.family = (u8)e->family;
 	if (e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_ACK)
 		key.port = e->lport;
+	if (e->reason == RSTTRACE_REASON_NONE)
+		key.flags = e->flags & (RSTTRACE_F_ACTIVE | RSTTRACE_F_PROCESS);
 	count(&key);
 }
 
@@ -315,6 +317,8 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 #endif
 
 	if (sk) {
+		/* struct sock_common only: sk may be a TIME_WAIT or request mini-socket here (6.10+
+		 * passes them), which ends where struct sock's own fields begin. */
 		e.netns = sk_netns(sk);
 		e.cookie = sk_cookie(sk);
 		/* tcp_check_req passes the listener (net/ipv4/tcp_minisocks.c embryonic_reset):
@@ -323,7 +327,8 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 		if (e.state == RSTTRACE_TCP_LISTEN && skb) {
 			if (skb_tuple(skb, &e) == 0)
 				e.flags |= RSTTRACE_F_PEER_FROM_SKB;
-		} else {
+		} else if (e.state != RSTTRACE_TCP_TIME_WAIT && e.state != RSTTRACE_TCP_NEW_SYN_RECV) {
+			/* sk_fullsock(): only now may struct sock fields be read */
 			owner(sk, &e);
 			e.cgroup_id = sk_cgroup_id(sk);
 		}

@@ -68,7 +68,10 @@ struct rsttrace_counter_key {
 	__u16 port;   /* listening port for listen overflows, 0 otherwise (bounded cardinality) */
 	__u8 state;
 	__u8 family;
-	__u8 pad[2];
+	/* Only when reason is RSTTRACE_REASON_NONE: the F_ACTIVE and F_PROCESS bits, which the
+	 * user-space reason inference needs, so counters and events infer alike. */
+	__u8 flags;
+	__u8 pad;
 };
 
 /* Slots of the per-CPU "stats" array. */

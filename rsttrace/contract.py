@@ -66,5 +66,6 @@ class CounterKey(ctypes.Structure):
         ("port", ctypes.c_uint16),
         ("state", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 2),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]

@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from . import contract as c
 from .kernel import KernelFacts
@@ -117,24 +117,25 @@ def infer_sent_reason(state: Optional[str], flags: int) -> str:
     return "NOT_SPECIFIED"
 
 
+def name_reason(
+    facts: KernelFacts, kind: str, raw: Optional[int], state: Optional[str], flags: int
+) -> Tuple[Optional[str], Optional[str]]:
+    """(reason, reason_source) for events and counters alike."""
+    if raw is not None:
+        return facts.reason_name(kind, raw), "kernel"
+    if kind == "sent":
+        return infer_sent_reason(state, flags), "inferred"
+    if kind == "received" and state is not None:
+        reason = RECEIVED_ERRNO.get(state, "ECONNRESET")
+        return reason, ("inferred" if reason else None)
+    return None, None
+
+
 def decode(raw: c.RawEvent, facts: KernelFacts, clock: Clock) -> Event:
     kind = c.KIND_NAMES.get(raw.kind, "unknown:%d" % raw.kind)
     state = facts.state_name(raw.state)
-    reason: Optional[str]
-    reason_raw: Optional[int] = None
-    source: Optional[str]
-    if raw.reason != c.REASON_NONE:
-        reason_raw = raw.reason
-        reason = facts.reason_name(kind, raw.reason)
-        source = "kernel"
-    elif kind == "sent":
-        reason = infer_sent_reason(state, raw.flags)
-        source = "inferred"
-    elif kind == "received" and state is not None:
-        reason = RECEIVED_ERRNO.get(state, "ECONNRESET")
-        source = "inferred" if reason else None
-    else:
-        reason, source = None, None
+    reason_raw = None if raw.reason == c.REASON_NONE else int(raw.reason)
+    reason, source = name_reason(facts, kind, reason_raw, state, raw.flags)
     family = raw.family
     process = bool(raw.flags & c.F_PROCESS)
     return Event(

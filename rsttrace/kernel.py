@@ -158,7 +158,11 @@ class KernelFacts:
         m: Dict[str, str] = {}
         for name in OFFSETS:
             m[name] = str(self.offsets.get(name, -1))
+        # 0xFFFF never equals a u8 state: the comparison is then simply never true.
         m["RSTTRACE_TCP_LISTEN"] = str(self.tcp_listen if self.tcp_listen is not None else 0xFFFF)
+        for name in ("TCP_TIME_WAIT", "TCP_NEW_SYN_RECV"):
+            v = next((k for k, n in self.tcp_states.items() if n == name), None)
+            m["RSTTRACE_" + name] = str(v if v is not None else 0xFFFF)
         s = self.send_reset
         if s is not None and _addr_layout(s) and s.has("skaddr") and s.has("skbaddr"):
             m["HAVE_TP_SEND_RESET"] = "1"

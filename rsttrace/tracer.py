@@ -14,8 +14,8 @@ from . import contract as c
 from .bccload import BccMissing, bcc_version, import_bcc, kernel_headers
 from .kernel import KernelFacts
 
-# (kind, reason raw or None, state raw, family raw, netns, port) -> count
-CounterTuple = Tuple[int, Optional[int], int, int, int, int]
+# (kind, reason raw or None, state raw, family raw, netns, port, flags) -> count
+CounterTuple = Tuple[int, Optional[int], int, int, int, int, int]
 
 
 class TracerError(Exception):
@@ -155,12 +155,14 @@ class Tracer:
         for k, v in self.bpf["counters"].items():
             total = sum(int(x) for x in v)
             reason = None if k.reason == c.REASON_NONE else int(k.reason)
-            key: CounterTuple = (int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port))
+            key: CounterTuple = (
+                int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port), int(k.flags)
+            )
             out[key] = out.get(key, 0) + total
         for k, v in self.bpf["counters_spill"].items():
             total = sum(int(x) for x in v)
             if total:
-                key = (int(k.value), None, 0, 0, 0, 0)
+                key = (int(k.value), None, 0, 0, 0, 0, 0)
                 out[key] = out.get(key, 0) + total
         return out
 

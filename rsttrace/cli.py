@@ -1,0 +1,337 @@
+"""The ``rsttrace`` command line, in the manner of bcc's tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any, Callable, List, NoReturn, Optional, Sequence
+
+from . import __version__, doctor, log, output
+from .events import Event
+from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports, parse_reasons
+from .kernel import KernelFacts, gather
+from .reasons_text import explain
+from .session import Session, group
+from .tracefs import TracefsError, ensure_tracefs
+from .tracer import TraceOptions, TracerError
+
+EXAMPLES = """examples:
+  rsttrace trace                         # every reset sent or received, one line each
+  rsttrace trace --json                  # one JSON object per line (keys in the README)
+  rsttrace trace --reason NO_SOCKET      # only resets for closed ports / unknown connections
+  rsttrace trace --kind sent -4 --port 443,8443
+  rsttrace trace --addr 10.0.0.0/8 --count 100
+  rsttrace trace --netns 4026532281      # one network namespace (a pod); see `lsns -t net`
+  rsttrace summary --interval 10         # counts by kind/reason/state every 10 s
+  rsttrace reasons                       # the running kernel's reason table, explained
+  rsttrace doctor                        # what this node has and lacks, with fixes
+"""
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit 2."""
+
+
+def fail(msg: str) -> NoReturn:
+    sys.stderr.write("rsttrace: error: %s\n" % msg)
+    sys.exit(2)
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(v: str) -> Any:
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % v) from None
+        if x <= 0:
+            raise argparse.ArgumentTypeError("%r must be greater than 0" % v)
+        return x
+
+    return parse
+
+
+def _netns(v: str) -> int:
+    v = v.strip()
+    if v.startswith("net:[") and v.endswith("]"):  # as `readlink /proc/PID/ns/net` prints it
+        v = v[5:-1]
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a netns inode (a number, e.g. from `lsns -t net`)" % v) from None
+
+
+def _common_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", action="append", metavar="KIND",
+                   help="sent, received, listen_overflow_syn, listen_overflow_ack, syn_queue_overflow "
+                        "(comma list or repeated)")
+    p.add_argument("--netns", type=_netns, metavar="INODE", help="only this network namespace (inode number)")
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
+    fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rsttrace",
+        description="Trace TCP resets sent and received and listen-queue overflows, with the kernel's reason.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version="rsttrace " + __version__)
+    p.add_argument("--log-level", choices=sorted(log.LEVELS), default="info", help="diagnostics level (stderr)")
+    p.add_argument("--log-format", choices=["auto", "console", "json"], default="auto",
+                   help="diagnostics format: console on a terminal, JSON otherwise (default auto)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("trace", help="print events live", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_filters(t)
+    t.add_argument("--reason", action="append", metavar="NAME", help="only these reason names (comma list)")
+    t.add_argument("--port", action="append", metavar="PORT", help="local or remote port (comma list)")
+    t.add_argument("--addr", action="append", metavar="CIDR", help="local or remote address or network")
+    t.add_argument("--json", action="store_true", help="one JSON object per line")
+    t.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long")
+    t.add_argument("--count", type=_positive(int), metavar="N", help="stop after N events")
+    t.add_argument("--log-events", action="store_true", help="also log each event as a structlog line (stderr)")
+    t.add_argument("--overflow-interval", type=_positive(float), default=1.0, metavar="SECONDS",
+                   help="how often counter-derived overflows are checked (default 1)")
+    t.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N",
+                   help="ring buffer size in pages (power of 2, default 64)")
+    t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+
+    s = sub.add_parser("summary", help="counts by kind/reason/state every interval",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  rsttrace summary --interval 10\n  rsttrace summary --kind sent --json\n")
+    _common_filters(s)
+    s.add_argument("--interval", type=_positive(float), default=5.0, metavar="SECONDS", help="default 5")
+    s.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long")
+    s.add_argument("--json", action="store_true", help="one JSON object per interval")
+
+    r = sub.add_parser("reasons", help="the running kernel's reason table, explained")
+    r.add_argument("--json", action="store_true", help="as a JSON array")
+
+    d = sub.add_parser("doctor", help="what this node has and lacks for tracing, with fixes")
+    d.add_argument("--no-load", action="store_true", help="skip compiling and attaching the programs")
+    d.add_argument("--json", action="store_true", help="as a JSON array")
+    return p
+
+
+# --- shared start-up ---------------------------------------------------------------------
+def prepare(need_root: bool = True) -> KernelFacts:
+    logger = log.get()
+    if need_root:
+        prob = doctor.privilege_problem()
+        if prob:
+            raise UsageError(prob)
+    try:
+        root, mounted = ensure_tracefs()
+    except (TracefsError, OSError) as e:
+        raise UsageError("%s (mount -t tracefs nodev /sys/kernel/tracing as root)" % e) from e
+    for m in mounted:
+        logger.info("mounted", what=m)
+    try:
+        facts = gather(root)
+    except (TracefsError, OSError) as e:
+        raise UsageError("reading the kernel's tracepoint formats failed: %s" % e) from e
+    for w in facts.warnings:
+        logger.warning("degraded", detail=w)
+    return facts
+
+
+def _family(args: argparse.Namespace) -> Optional[str]:
+    return "ipv4" if args.ipv4 else "ipv6" if args.ipv6 else None
+
+
+class Stopper:
+    """SIGINT/SIGTERM set an event; the loops notice within 100 ms and detach cleanly."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, _sig: int, _frame: Optional[FrameType]) -> None:
+        self.event.set()
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    try:
+        filt = EventFilter(
+            kinds=parse_kinds(args.kind),
+            reasons=parse_reasons(args.reason),
+            ports=parse_ports(args.port),
+            addrs=parse_addrs(args.addr),
+            netns=args.netns,
+            family=_family(args),
+        )
+    except FilterError as e:
+        raise UsageError(str(e)) from e
+    if args.ring_pages & (args.ring_pages - 1):
+        raise UsageError("--ring-pages must be a power of 2, got %d" % args.ring_pages)
+    facts = prepare(need_root=not args.ebpf)
+    options = TraceOptions(events=True, kinds=filt.kinds, netns=args.netns, ring_pages=args.ring_pages)
+    logger = log.get()
+    out = sys.stdout
+    as_json = args.json
+
+    def sink(ev: Event) -> None:
+        out.write((output.json_line(ev) if as_json else output.human(ev)) + "\n")
+        if args.log_events:
+            logger.info("tcp_reset_event", **ev.to_dict())
+
+    session = Session(facts, options, sink=sink, event_filter=filt, overflow_interval=args.overflow_interval)
+    if args.ebpf:
+        out.write(session.tracer.source())
+        return 0
+    stopper = Stopper()
+    session.start()
+    try:
+        _log_attach(session)
+        if not as_json:
+            out.write(output.HEADER + "\n")
+        out.flush()
+        session.run(stopper.event, duration=args.duration, max_events=args.count, after_poll=out.flush)
+    finally:
+        lost = session.lost()
+        session.close()
+        logger.info("stopped", delivered=session.delivered, lost_kernel=lost["lost_kernel"],
+                    lost_user=lost["lost_user"], counter_map_full=lost["counter_map_full"])
+    return 0
+
+
+def _log_attach(session: Session) -> None:
+    logger = log.get()
+    for a in session.tracer.attachments:
+        if a.attached:
+            logger.info("attached", program=a.program, hook=a.hook)
+        else:
+            logger.warning("not attached", program=a.program, hook=a.hook, reason=a.detail)
+    for hook in session.facts.hooks():
+        if hook.source.startswith("kernel counters"):
+            logger.info("counter-derived", kind=hook.kind, source=hook.source, detail=hook.detail)
+    logger.info("ready", ringbuf=session.facts.ringbuf, headers=session.tracer.headers,
+                bcc=session.tracer.bcc_version)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    try:
+        kinds = parse_kinds(args.kind)
+    except FilterError as e:
+        raise UsageError(str(e)) from e
+    facts = prepare()
+    family = _family(args)
+    # Counters only: nothing crosses the ring buffer, so a summary costs the traced
+    # workload as little as rsttrace can.
+    session = Session(facts, TraceOptions(events=False), overflow_interval=min(1.0, args.interval))
+    stopper = Stopper()
+    session.start()
+    _log_attach(session)
+    prev: dict = {}  # type: ignore[type-arg]
+    started = time.monotonic()
+    try:
+        while not stopper.event.is_set():
+            end = time.monotonic() + args.interval
+            if args.duration:
+                end = min(end, started + args.duration)
+            session.run(stopper.event, duration=max(0.0, end - time.monotonic()))
+            counts = {k: n for k, n in session.counts().items()
+                      if (kinds is None or k.kind in kinds)
+                      and (args.netns is None or k.netns == args.netns)
+                      and (family is None or k.family in (family, None))}
+            totals = group(counts)
+            rows = {k: (n - prev.get(k, 0), n) for k, n in totals.items()}
+            prev = totals
+            lost = session.lost()
+            if args.json:
+                sys.stdout.write(json.dumps({
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "rows": [{"kind": k[0], "reason": k[1], "state": k[2], "interval": d, "total": t}
+                             for k, (d, t) in sorted(rows.items())],
+                    "lost": lost,
+                }) + "\n")
+            else:
+                sys.stdout.write(output.summary_table(rows, lost, time.strftime("%H:%M:%S")) + "\n\n")
+            sys.stdout.flush()
+            if args.duration and time.monotonic() - started >= args.duration:
+                break
+    finally:
+        session.close()
+    return 0
+
+
+def cmd_reasons(args: argparse.Namespace) -> int:
+    facts = prepare(need_root=False)
+    rows: List[dict] = []  # type: ignore[type-arg]
+    source = "tcp:tcp_send_reset format (enum sk_rst_reason)"
+    for raw, name in sorted(facts.rst_reasons.items()):
+        rows.append({"kind": "sent", "raw": raw, "name": name, "source": source})
+    if not facts.rst_reasons:
+        for name in ("NOT_SPECIFIED", "TCP_ABORT_ON_CLOSE", "INVALID_SYN"):
+            rows.append({"kind": "sent", "raw": None, "name": name, "source": "inferred (kernel < 6.10)"})
+    if facts.listen_overflow_reason is not None:
+        rows.append({"kind": "listen_overflow_ack", "raw": facts.listen_overflow_reason,
+                     "name": "TCP_LISTEN_OVERFLOW", "source": "skb:kfree_skb format (enum skb_drop_reason)"})
+    for name in ("ECONNREFUSED", "ECONNRESET", "EPIPE"):
+        rows.append({"kind": "received", "raw": None, "name": name, "source": "inferred from state (tcp_reset)"})
+    rows.append({"kind": "listen_overflow_syn", "raw": None, "name": "ListenOverflows", "source": "TcpExt counter"})
+    for name in ("TCPReqQFullDrop", "TCPReqQFullDoCookies"):
+        rows.append({"kind": "syn_queue_overflow", "raw": None, "name": name, "source": "TcpExt counter"})
+    for row in rows:
+        ex = explain(row["name"]) or explain("kind:" + row["kind"])
+        row["cause"] = ex.cause if ex else ""
+        row["check"] = ex.check if ex else ""
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return 0
+    sys.stdout.write("Reasons reported by this kernel (%s), numbers as it numbers them:\n\n" % facts.release)
+    for row in rows:
+        raw = "" if row["raw"] is None else str(row["raw"])
+        sys.stdout.write("%-19s %4s  %s\n" % (row["kind"], raw, row["name"]))
+        if row["cause"]:
+            sys.stdout.write("%25s why:   %s\n%25s check: %s\n" % ("", row["cause"], "", row["check"]))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks = doctor.run(load=not args.no_load)
+    if args.json:
+        sys.stdout.write(json.dumps([c.as_dict() for c in checks], indent=1) + "\n")
+    else:
+        sys.stdout.write(doctor.render(checks) + "\n")
+    return 0 if doctor.ok(checks) else 1
+
+
+COMMANDS = {"trace": cmd_trace, "summary": cmd_summary, "reasons": cmd_reasons, "doctor": cmd_doctor}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    log.configure(args.log_level, args.log_format)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        fail(str(e))
+    except TracerError as e:
+        fail(str(e))
+    except BrokenPipeError:
+        # `rsttrace trace | head`: the reader left; that is a normal end.
+        try:
+            sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return 0
+    except PermissionError as e:
+        fail("permission denied: %s (run as root)" % e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

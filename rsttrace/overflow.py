@@ -1,0 +1,165 @@
+"""Listen-queue overflows that no tracepoint reports, derived from the kernel's own counters.
+
+A SYN dropped because the accept queue is full (tcp_conn_request: ListenOverflows, then
+consume_skb with no drop reason) and a full SYN queue (tcp_syn_flood_action: TCPReqQFullDrop /
+TCPReqQFullDoCookies) fire no tracepoint, and this kind of node has neither kprobes nor loadable
+fentry programs. So, per network namespace and per interval, rsttrace reads the counters, takes
+away what it traced itself (final-ACK overflows via kfree_skb TCP_LISTEN_OVERFLOW, which also
+bump ListenOverflows), and emits one event with the count and the listeners whose accept queue
+is at its limit right then (sock_diag, what `ss -lt` shows). Such events carry
+``source: "counters"``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import netns as nsmod
+from . import procnet
+from .events import Clock, Event
+
+WATCHED = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies")
+
+
+@dataclass
+class OverflowTotals:
+    """Counter-derived totals since start, by (kind, reason, netns, port or None)."""
+
+    counts: Dict[Tuple[str, str, int, Optional[int]], int] = field(default_factory=dict)
+
+    def add(self, kind: str, reason: str, netns: int, port: Optional[int], n: int) -> None:
+        key = (kind, reason, netns, port)
+        self.counts[key] = self.counts.get(key, 0) + n
+
+
+class OverflowPoller:
+    """Call ``poll()`` every interval; it returns the counter-derived events since the last call.
+
+    ``traced_ack`` returns the running total of traced final-ACK overflows per netns (from the
+    BPF counters), or None when the kernel cannot trace them (then every ListenOverflows is
+    reported as ``listen_overflow_syn`` with ``includes_ack: true``).
+    """
+
+    def __init__(
+        self,
+        tcp_listen_state: Optional[int],
+        traced_ack: Callable[[], Optional[Dict[int, int]]],
+        only_netns: Optional[int] = None,
+        proc_root: str = "/proc",
+        run_netns: str = nsmod.RUN_NETNS,
+        clock: Optional[Clock] = None,
+    ) -> None:
+        self.tcp_listen = tcp_listen_state
+        self.traced_ack = traced_ack
+        self.only_netns = only_netns
+        self.proc_root = proc_root
+        self.run_netns = run_netns
+        self.clock = clock or Clock()
+        # Per netns: counters at first sight and the traced-ACK total then (the baseline), and
+        # how much of each derived kind was already emitted. Working from cumulative values
+        # means a read that races an overflow (counter bumped, BPF count not yet) is made good
+        # at the next poll instead of being counted twice.
+        self.base: Dict[int, Tuple[Dict[str, int], int]] = {}
+        self.emitted: Dict[Tuple[int, str], int] = {}
+        self.totals = OverflowTotals()
+        self.errors: List[str] = []
+
+    def _read(self, ref: nsmod.NetnsRef) -> Optional[Dict[str, int]]:
+        try:
+            if ref.net_dir is not None:
+                counters = procnet.read(ref.net_dir)
+            else:
+                counters = nsmod.run_in(ref.ns_path, lambda: procnet.read("/proc/thread-self/net"))
+        except OSError:
+            return None  # the namespace went away between discovery and read
+        ext = counters.get("TcpExt", {})
+        return {name: ext.get(name, 0) for name in WATCHED}
+
+    def _listeners(self, ref: nsmod.NetnsRef) -> List[nsmod.Listener]:
+        if self.tcp_listen is None:
+            return []
+        state = self.tcp_listen
+        try:
+            return nsmod.run_in(ref.ns_path, lambda: nsmod.listeners(state))
+        except OSError as e:
+            msg = "listing listeners in netns %d failed: %s" % (ref.inode, e)
+            if msg not in self.errors:
+                self.errors.append(msg)
+            return []
+
+    def poll(self) -> List[Event]:
+        refs = nsmod.discover(self.proc_root, self.run_netns)
+        if self.only_netns is not None:
+            refs = {k: v for k, v in refs.items() if k == self.only_netns}
+        acks = self.traced_ack()
+        out: List[Event] = []
+        now = time.monotonic_ns()
+        for ino, ref in refs.items():
+            cur = self._read(ref)
+            if cur is None:
+                continue
+            ack_now = (acks or {}).get(ino, 0)
+            if ino not in self.base:
+                self.base[ino] = (cur, ack_now)
+                continue  # first sight: a baseline, not history
+            base, ack_base = self.base[ino]
+            lo = cur["ListenOverflows"] - base["ListenOverflows"]
+            cum = {
+                "ListenOverflows": lo - (ack_now - ack_base) if acks is not None else lo,
+                "TCPReqQFullDrop": cur["TCPReqQFullDrop"] - base["TCPReqQFullDrop"],
+                "TCPReqQFullDoCookies": cur["TCPReqQFullDoCookies"] - base["TCPReqQFullDoCookies"],
+            }
+            new = {name: total - self.emitted.get((ino, name), 0) for name, total in cum.items()}
+            if all(n <= 0 for n in new.values()):
+                continue
+            syn = new["ListenOverflows"]
+            full = [lst for lst in self._listeners(ref) if lst.full] if syn > 0 else []
+            if syn > 0:
+                out.append(self._event("listen_overflow_syn", "ListenOverflows", syn, ino, now, full, acks is None))
+            for name in ("TCPReqQFullDrop", "TCPReqQFullDoCookies"):
+                if new[name] > 0:
+                    out.append(self._event("syn_queue_overflow", name, new[name], ino, now, [], False))
+            for name, n in new.items():
+                if n > 0:
+                    self.emitted[(ino, name)] = self.emitted.get((ino, name), 0) + n
+        for ino in list(self.base):
+            if ino not in refs:  # the namespace is gone
+                del self.base[ino]
+                for name in WATCHED:
+                    self.emitted.pop((ino, name), None)
+        return out
+
+    def _event(
+        self, kind: str, reason: str, n: int, ino: int, now: int, full: List[nsmod.Listener], includes_ack: bool
+    ) -> Event:
+        one = full[0] if len(full) == 1 else None
+        self.totals.add(kind, reason, ino, one.port if one else None, n)
+        ev = Event(
+            time=self.clock.iso(now),
+            ktime_ns=now,
+            kind=kind,
+            reason=reason,  # the kernel's counter name (TcpExt in /proc/net/netstat)
+            reason_raw=None,
+            reason_source="kernel",
+            state="TCP_LISTEN" if one else None,
+            family=("ipv4" if one.family == 2 else "ipv6") if one else None,
+            laddr=one.addr if one else None,
+            lport=one.port if one else None,
+            raddr=None,
+            rport=None,
+            netns=ino,
+            cookie=None,
+            pid=None,
+            comm=None,
+            source="counters",
+            count=n,
+            backlog=one.backlog if one else None,
+            max_backlog=one.max_backlog if one else None,
+        )
+        if len(full) > 1:
+            ev.extra["listeners"] = ["%s:%d" % (lst.addr, lst.port) for lst in full]
+        if includes_ack:
+            ev.extra["includes_ack"] = True
+        return ev

@@ -37,18 +37,12 @@ PARSE_CASES = [
     # --- systemd driver
     (
         "systemd containerd burstable",
-        (
-            "/kubepods.slice/kubepods-burstable.slice/"
-            f"kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope"
-        ),
+        (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope"),
         (UID, CID),
     ),
     (
         "systemd crio besteffort",
-        (
-            "/kubepods.slice/kubepods-besteffort.slice/"
-            f"kubepods-besteffort-pod{UID_}.slice/crio-{CID}.scope"
-        ),
+        (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-{CID}.scope"),
         (UID, CID),
     ),
     (
@@ -190,12 +184,7 @@ def test_find_cgroup2_root_pure_v1_has_none(tmp_path: Path) -> None:
 
 
 def test_walk_cgroup2_maps_directory_inodes_to_pods(tmp_path: Path) -> None:
-    pod = (
-        tmp_path
-        / "kubepods.slice"
-        / "kubepods-besteffort.slice"
-        / f"kubepods-besteffort-pod{UID_}.slice"
-    )
+    pod = tmp_path / "kubepods.slice" / "kubepods-besteffort.slice" / f"kubepods-besteffort-pod{UID_}.slice"
     ctr = pod / f"cri-containerd-{CID}.scope"
     ctr.mkdir(parents=True)
     (ctr / "cgroup.procs").write_text("")

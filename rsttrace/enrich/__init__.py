@@ -1,7 +1,9 @@
 """Attribute TCP reset events to Kubernetes pods and containers.
 
-Pod and container identity is read from node files only (cgroup paths here);
-no Kubernetes API or container runtime socket is needed.
+Given the network-namespace inode (and optionally the cgroup v2 id) of an
+event, ``Enricher`` answers which pod/container it belongs to by reading node
+files only: ``/proc``, the cgroup v2 tree and the kubelet's log directories.
+No Kubernetes API or container runtime socket is needed.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ from .cgroups import (
     parse_cgroup_path,
     parse_proc_cgroup,
 )
+from .enricher import Enricher, PodInfo
+from .procscan import parse_netns_link
 
 __all__ = [
     "CgroupIdentity",
+    "Enricher",
+    "PodInfo",
     "find_cgroup2_root",
     "normalize_uid",
     "parse_cgroup_path",
+    "parse_netns_link",
     "parse_proc_cgroup",
 ]

@@ -63,6 +63,11 @@ class OverflowPoller:
         # at the next poll instead of being counted twice.
         self.base: Dict[int, Tuple[Dict[str, int], int]] = {}
         self.emitted: Dict[Tuple[int, str], int] = {}
+        self.last: Dict[int, Dict[str, int]] = {}
+        # Traced-ACK totals are keyed by inode in the BPF map and so carry over from a dead
+        # namespace to the next one given the same inode: remember where each inode stood.
+        self.ack_seen: Dict[int, int] = {}
+        self.polled = False
         self.totals = OverflowTotals()
         self.errors: List[str] = []
 
@@ -101,9 +106,22 @@ class OverflowPoller:
             if cur is None:
                 continue
             ack_now = (acks or {}).get(ino, 0)
+            last = self.last.get(ino)
+            self.last[ino] = cur
+            if last is not None and any(cur[n] < last[n] for n in WATCHED):
+                # Counters went down: the namespace was destroyed and its inode number reused
+                # by a new one (the kernel recycles them) between two polls.
+                self._forget(ino)
             if ino not in self.base:
-                self.base[ino] = (cur, ack_now)
-                continue  # first sight: a baseline, not history
+                if not self.polled:
+                    # Present when tracing started: what it counted before is history.
+                    self.base[ino] = (cur, ack_now)
+                    self.ack_seen[ino] = ack_now
+                    continue
+                # Born while we trace: everything it counted happened under our watch, even
+                # before this first look, so count from zero.
+                self.base[ino] = ({n: 0 for n in WATCHED}, self.ack_seen.get(ino, 0))
+            self.ack_seen[ino] = ack_now
             base, ack_base = self.base[ino]
             lo = cur["ListenOverflows"] - base["ListenOverflows"]
             cum = {
@@ -126,10 +144,15 @@ class OverflowPoller:
                     self.emitted[(ino, name)] = self.emitted.get((ino, name), 0) + n
         for ino in list(self.base):
             if ino not in refs:  # the namespace is gone
-                del self.base[ino]
-                for name in WATCHED:
-                    self.emitted.pop((ino, name), None)
+                self._forget(ino)
+                self.last.pop(ino, None)
+        self.polled = True
         return out
+
+    def _forget(self, ino: int) -> None:
+        self.base.pop(ino, None)
+        for name in WATCHED:
+            self.emitted.pop((ino, name), None)
 
     def _event(
         self, kind: str, reason: str, n: int, ino: int, now: int, full: List[nsmod.Listener], includes_ack: bool

@@ -102,7 +102,7 @@ class Tracer:
                     self.attachments.append(Attachment(fn, tp, False, "not available on this kernel"))
                     continue
                 try:
-                    self.bpf.attach_tracepoint(tp=tp, fn_name=fn.encode())
+                    self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
                     self.attachments.append(Attachment(fn, tp, True))
                 except Exception as e:
                     self.attachments.append(Attachment(fn, tp, False, _first_line(e)))
@@ -133,9 +133,9 @@ class Tracer:
             self.user_lost += count
 
         if self.facts.ringbuf:
-            self.bpf["events"].open_ring_buffer(on_event)
+            self.bpf[b"events"].open_ring_buffer(on_event)
         else:
-            self.bpf["events"].open_perf_buffer(on_perf, page_cnt=self.options.ring_pages, lost_cb=on_lost)
+            self.bpf[b"events"].open_perf_buffer(on_perf, page_cnt=self.options.ring_pages, lost_cb=on_lost)
 
     def poll(self, timeout_ms: int = 100) -> None:
         if self.bpf is None or not self.options.events:
@@ -152,14 +152,14 @@ class Tracer:
         out: Dict[CounterTuple, int] = {}
         if self.bpf is None:
             return out
-        for k, v in self.bpf["counters"].items():
+        for k, v in self.bpf[b"counters"].items():
             total = sum(int(x) for x in v)
             reason = None if k.reason == c.REASON_NONE else int(k.reason)
             key: CounterTuple = (
                 int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port), int(k.flags)
             )
             out[key] = out.get(key, 0) + total
-        for k, v in self.bpf["counters_spill"].items():
+        for k, v in self.bpf[b"counters_spill"].items():
             total = sum(int(x) for x in v)
             if total:
                 key = (int(k.value), None, 0, 0, 0, 0, 0)
@@ -171,7 +171,7 @@ class Tracer:
         if self.bpf is None:
             return s
         names = {c.STAT_EVENTS: "events", c.STAT_RINGBUF_FULL: "lost_kernel", c.STAT_COUNTER_FULL: "counter_map_full"}
-        for k, v in self.bpf["stats"].items():
+        for k, v in self.bpf[b"stats"].items():
             name = names.get(int(k.value))
             if name:
                 s[name] = sum(int(x) for x in v)

@@ -47,6 +47,10 @@ class Netns:
                 f.write(value)
 
 
+def now_ns() -> int:
+    return time.monotonic_ns()  # the clock bpf_ktime_get_ns() reads: compare with ktime_ns
+
+
 def delta(before: procnet.Counters, after: procnet.Counters, section: str, name: str) -> int:
     return procnet.get(after, section, name) - procnet.get(before, section, name)
 

@@ -1,0 +1,64 @@
+"""One tracing session for all real-kernel scenarios (compiling once keeps the tier fast)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Iterator, List
+
+import pytest
+from netlab import Netns
+from realkernel import require_real_kernel
+
+from rsttrace.events import Event
+
+
+class Recorder:
+    """Collects events from the session's thread; tests read them by netns and time."""
+
+    def __init__(self) -> None:
+        self.events: List[Dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, ev: Event) -> None:
+        with self.lock:
+            self.events.append(ev.to_dict())
+
+    def since(self, start_ns: int, netns: int) -> List[Dict[str, Any]]:
+        # Filter by time as well as netns: the kernel reuses a deleted namespace's inode number.
+        with self.lock:
+            return [e for e in self.events if e["netns"] == netns and e["ktime_ns"] >= start_ns]
+
+
+@pytest.fixture(scope="session")
+def tracing() -> Iterator[Any]:
+    require_real_kernel()
+    from rsttrace import kernel, tracefs
+    from rsttrace.session import Session
+    from rsttrace.tracer import TraceOptions
+
+    root, _ = tracefs.ensure_tracefs()
+    facts = kernel.gather(root)
+    rec = Recorder()
+    session = Session(facts, TraceOptions(), sink=rec, overflow_interval=0.5)
+    session.start()
+    stop = threading.Event()
+    th = threading.Thread(target=session.run, args=(stop,), daemon=True)
+    th.start()
+    session.recorder = rec  # type: ignore[attr-defined]
+    try:
+        yield session
+    finally:
+        stop.set()
+        th.join(timeout=5)
+        session.close()
+
+
+@pytest.fixture()
+def ns() -> Iterator[Netns]:
+    require_real_kernel()
+    n = Netns()
+    try:
+        yield n
+    finally:
+        n.delete()
+

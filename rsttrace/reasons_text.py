@@ -11,12 +11,16 @@ Keys:
   the ``SK_RST_REASON_`` prefix is accepted and ignored.
 * ``skb_drop_reason`` names that matter for resets/overflows, as printed by ``skb:kfree_skb``
   (``TCP_LISTEN_OVERFLOW``); the ``SKB_DROP_REASON_`` prefix is accepted and ignored.
+* for received resets, the errno tcp_reset() sets from the socket state (``ECONNREFUSED`` in
+  SYN_SENT, ``EPIPE`` in CLOSE_WAIT, ``ECONNRESET`` otherwise).
+* TcpExt counter names standing in for overflows that cannot be traced per event
+  (``ListenOverflows``, ``TCPReqQFullDrop``, ``TCPReqQFullDoCookies``); lookup ignores case.
 * event kinds that have no kernel reason, prefixed ``kind:`` (``kind:received``,
   ``kind:listen_overflow_syn``, ``kind:listen_overflow_ack``, ``kind:syn_queue_overflow``).
 
 Semantics follow the kernel: include/net/rstreason.h, net/ipv4/tcp.c (__tcp_close,
-tcp_disconnect, tcp_abort), tcp_input.c (tcp_rcv_state_process, tcp_rcv_synsent_state_process),
-tcp_ipv4.c (no_tcp_socket, TCP_TW_RST), tcp_minisocks.c (tcp_timewait_state_process,
+tcp_disconnect, tcp_abort), tcp_input.c (tcp_rcv_state_process, tcp_rcv_synsent_state_process,
+tcp_reset), tcp_ipv4.c (no_tcp_socket, TCP_TW_RST), tcp_minisocks.c (tcp_timewait_state_process,
 tcp_check_req) and tcp_timer.c (keepalive, orphans).  Each line is at most ``MAX_LINE`` chars.
 """
 
@@ -156,6 +160,38 @@ _DROP_REASONS: dict[str, Explanation] = {
     ),
 }
 
+# --- received resets: the errno tcp_reset() gives the socket, from its state ---------------------
+_RECEIVED_ERRORS: dict[str, Explanation] = {
+    "ECONNREFUSED": _e(
+        "RST answered our SYN (SYN_SENT): the remote port is closed or a firewall rejects with tcp-reset",
+        "Is the remote service up and listening (ss -ltn on it)? Look for REJECT --reject-with tcp-reset rules",
+    ),
+    "ECONNRESET": _e(
+        "Peer reset an open connection: it aborted (crash, SO_LINGER 0, unread data) or forgot it (reboot)",
+        "Look at the peer: its logs and restarts, rsttrace there; for half-open flows, middlebox idle timeouts",
+    ),
+    "EPIPE": _e(
+        "RST arrived after the peer had sent its FIN (CLOSE_WAIT): this side was slow to close the socket",
+        "ss -tn state close-wait: the application keeps sockets open after EOF; close them when read() returns 0",
+    ),
+}
+
+# --- the kernel's counters that stand in for untraceable overflows (TcpExt in /proc/net/netstat) ---
+_COUNTERS: dict[str, Explanation] = {
+    "ListenOverflows": _e(
+        "TcpExt ListenOverflows: a SYN or final ACK found a listener's accept queue full (also in ListenDrops)",
+        "nstat -az TcpExtListenOverflows; find the listener with ss -ltn, where Recv-Q has reached Send-Q",
+    ),
+    "TCPReqQFullDrop": _e(
+        "SYN dropped: the SYN queue was full and SYN cookies were off or could not be used",
+        "Set net.ipv4.tcp_syncookies=1, raise net.ipv4.tcp_max_syn_backlog, and find the flood's sources",
+    ),
+    "TCPReqQFullDoCookies": _e(
+        "SYN queue full, SYN answered with a cookie: a flood is being absorbed, at the cost of TCP options",
+        "dmesg 'Possible SYN flooding on port N. Sending cookies': attack, or an app too slow to accept?",
+    ),
+}
+
 # --- event kinds without a kernel reason ---------------------------------------------------------
 _KINDS: dict[str, Explanation] = {
     KIND_PREFIX + "received": _e(
@@ -176,7 +212,7 @@ _KINDS: dict[str, Explanation] = {
     ),
 }
 
-_ALL: dict[str, Explanation] = {**_RST_REASONS, **_DROP_REASONS, **_KINDS}
+_ALL: dict[str, Explanation] = {**_RST_REASONS, **_DROP_REASONS, **_RECEIVED_ERRORS, **_COUNTERS, **_KINDS}
 
 
 def _normalize(name: str) -> str:
@@ -190,9 +226,12 @@ def _normalize(name: str) -> str:
     return key
 
 
+_BY_KEY: dict[str, Explanation] = {_normalize(key): value for key, value in _ALL.items()}
+
+
 def explain(name: str) -> Explanation | None:
     """Explanation for a reset/drop reason name or a ``kind:...`` event kind; None if unknown."""
-    return _ALL.get(_normalize(name))
+    return _BY_KEY.get(_normalize(name))
 
 
 def rst_reason_names() -> tuple[str, ...]:
@@ -201,5 +240,5 @@ def rst_reason_names() -> tuple[str, ...]:
 
 
 def known_names() -> tuple[str, ...]:
-    """Every key that has an explanation: reset reasons, drop reasons, then ``kind:`` entries."""
+    """Every key that has an explanation: reset and drop reasons, errnos, counters, ``kind:`` entries."""
     return tuple(_ALL)

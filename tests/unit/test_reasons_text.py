@@ -27,6 +27,9 @@ SK_RST_REASONS_6_12_6_18 = (
     "MPTCP_RST_EMIDDLEBOX", "ERROR", "MAX",
 )
 DROP_REASONS = ("TCP_LISTEN_OVERFLOW",)
+# Also asked for by `rsttrace reasons`: received-reset errnos and the TcpExt overflow counters.
+RECEIVED_ERRORS = ("ECONNREFUSED", "ECONNRESET", "EPIPE")
+COUNTERS = ("ListenOverflows", "TCPReqQFullDrop", "TCPReqQFullDoCookies")
 KINDS = ("kind:received", "kind:listen_overflow_syn", "kind:listen_overflow_ack", "kind:syn_queue_overflow")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +66,7 @@ def test_parser_reads_symbolic_list() -> None:
     assert parse_reason_names('print fmt: "state=%s", REC->state') == []
 
 
-@pytest.mark.parametrize("name", SK_RST_REASONS_6_12_6_18 + DROP_REASONS + KINDS)
+@pytest.mark.parametrize("name", SK_RST_REASONS_6_12_6_18 + DROP_REASONS + RECEIVED_ERRORS + COUNTERS + KINDS)
 def test_every_required_name_is_explained(name: str) -> None:
     explanation = explain(name)
     assert isinstance(explanation, Explanation), name
@@ -121,6 +124,7 @@ def test_lookup_normalizes_prefixes_and_case() -> None:
     assert explain("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW") == explain("TCP_LISTEN_OVERFLOW")
     assert explain(" no_socket ") == explain("NO_SOCKET")
     assert explain("KIND:Received") == explain("kind:received")
+    assert explain("listenoverflows") == explain("ListenOverflows")
     assert explain("received") is None  # kinds must be asked for with the kind: prefix
     assert explain("NOT_A_REASON") is None
     assert explain("") is None

@@ -53,7 +53,7 @@ def import_bcc() -> ModuleType:
     if "bcc" in sys.modules:
         return sys.modules["bcc"]
     try:
-        import bcc  # type: ignore[import-not-found]
+        import bcc  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         return bcc  # type: ignore[no-any-return]
     except ImportError:
@@ -84,7 +84,7 @@ def bcc_version(bcc: ModuleType) -> str:
     if v:
         return str(v)
     try:
-        from bcc.version import __version__  # type: ignore[import-not-found]
+        from bcc.version import __version__  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         return str(__version__)
     except Exception:
@@ -133,7 +133,13 @@ def _link_tree(src: str, dst: str) -> None:
             dirs[:] = [d for d in dirs if d not in ("scripts", "tools")]
 
 
-def kernel_headers(release: Optional[str] = None, cache: Optional[str] = None) -> Tuple[Optional[str], str]:
+def kernel_headers(
+    release: Optional[str] = None,
+    cache: Optional[str] = None,
+    src: str = "/usr/src",
+    modules: str = "/lib/modules",
+    kheaders: str = "/sys/kernel/kheaders.tar.xz",
+) -> Tuple[Optional[str], str]:
     """Where bcc should find headers: (directory for BCC_KERNEL_SOURCE or None, explanation).
 
     None means bcc's own lookup will work (matching /lib/modules build dir, or kheaders).
@@ -142,12 +148,12 @@ def kernel_headers(release: Optional[str] = None, cache: Optional[str] = None) -
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env:
         return env, "BCC_KERNEL_SOURCE=%s (from the environment)" % env
-    build = os.path.join("/lib/modules", release, "build")
+    build = os.path.join(modules, release, "build")
     if os.path.isdir(os.path.join(build, "include")):
         return None, "matching headers in %s" % build
-    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
-        return None, "kernel's own headers (/sys/kernel/kheaders.tar.xz)"
-    pairs = _header_pairs()
+    if os.path.exists(kheaders):
+        return None, "kernel's own headers (%s)" % kheaders
+    pairs = _header_pairs(src)
     if not pairs:
         raise BccMissing(
             "no kernel headers for bcc: install the distro's headers package "

@@ -80,7 +80,7 @@ class Btf:
         self._scan()
 
     @classmethod
-    def load(cls, path: str = VMLINUX_BTF) -> "Btf":
+    def load(cls, path: str = VMLINUX_BTF) -> Btf:
         try:
             with open(path, "rb") as f:
                 return cls(f.read())
@@ -106,9 +106,7 @@ class Btf:
                 pos += 12
             elif kind in (KIND_STRUCT, KIND_UNION):
                 pos += 12 * vlen
-            elif kind == KIND_ENUM:
-                pos += 8 * vlen
-            elif kind == KIND_FUNC_PROTO:
+            elif kind in (KIND_ENUM, KIND_FUNC_PROTO):
                 pos += 8 * vlen
             elif kind == KIND_VAR:
                 pos += 4
@@ -157,12 +155,12 @@ class Btf:
         tid = self.resolve(tid)
         pos, kind, _vlen, _kf, _no, size_or_type = self._recs[tid]
         if kind in (KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FLOAT):
-            return size_or_type
+            return int(size_or_type)
         if kind == KIND_PTR:
             return 8
         if kind == KIND_ARRAY:
             elem, _index, nelems = struct.unpack_from("<III", self._data, pos + 12)
-            return self.size(elem) * nelems
+            return self.size(elem) * int(nelems)
         raise BtfError("type %d (kind %d) has no size" % (tid, kind))
 
     def members(self, tid: int) -> Iterator[Tuple[str, int, int, int]]:

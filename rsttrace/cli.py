@@ -290,8 +290,8 @@ def cmd_reasons(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write("Reasons reported by this kernel (%s), numbers as it numbers them:\n\n" % facts.release)
     for row in rows:
-        raw = "" if row["raw"] is None else str(row["raw"])
-        sys.stdout.write("%-19s %4s  %s\n" % (row["kind"], raw, row["name"]))
+        number = "" if row["raw"] is None else str(row["raw"])
+        sys.stdout.write("%-19s %4s  %s\n" % (row["kind"], number, row["name"]))
         if row["cause"]:
             sys.stdout.write("%25s why:   %s\n%25s check: %s\n" % ("", row["cause"], "", row["check"]))
     return 0

@@ -57,7 +57,7 @@ def prelude(facts: KernelFacts, extra: Optional[Dict[str, str]] = None) -> str:
     out: List[str] = ["/* rsttrace prelude for kernel %s: generated at start, do not edit */" % facts.release]
     for name in sorted(macros):
         out.append("#define %s %s" % (name, macros[name]))
-    for (system, name), struct_name in TP_STRUCTS.items():
+    for (_system, name), struct_name in TP_STRUCTS.items():
         fmt = {
             "tcp_send_reset": facts.send_reset,
             "tcp_receive_reset": facts.receive_reset,

@@ -85,12 +85,13 @@ def run(load: bool = True) -> List[Check]:
     try:
         bcc = import_bcc()
         bcc_ok = True
-        checks.append(Check("bcc", True, "version %s from %s" % (bcc_version(bcc), os.path.dirname(bcc.__file__))))
+        bcc_dir = os.path.dirname(bcc.__file__ or "?")
+        checks.append(Check("bcc", True, "version %s from %s" % (bcc_version(bcc), bcc_dir)))
     except BccMissing as e:
         checks.append(Check("bcc", False, str(e), "apt-get install python3-bpfcc"))
 
     try:
-        where, why = kernel_headers()
+        _dir, why = kernel_headers()
         checks.append(Check("kernel headers", True, why))
     except (BccMissing, OSError) as e:
         checks.append(Check("kernel headers", False, str(e), "apt-get install linux-headers-amd64"))

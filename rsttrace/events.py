@@ -93,7 +93,7 @@ class Clock:
         return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def fmt_addr(family: int, raw: "ctypes.Array[ctypes.c_uint8]") -> Optional[str]:
+def fmt_addr(family: int, raw: ctypes.Array[ctypes.c_uint8]) -> Optional[str]:
     if family == c.AF_INET:
         return socket.inet_ntop(socket.AF_INET, bytes(raw[:4]))
     if family == c.AF_INET6:

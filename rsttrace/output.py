@@ -15,7 +15,7 @@ SHORT_KIND = {
     "syn_queue_overflow": "SYNQ",
 }
 
-HEADER = "%-8s %-4s %-22s %-11s %-41s %-10s %s" % (
+HEADER = "%-8s %-4s %-20s %-11s %-37s %-10s %s" % (
     "TIME", "KIND", "REASON", "STATE", "LOCAL > REMOTE", "NETNS", "PID/COMM"
 )
 
@@ -29,13 +29,14 @@ def _ep(addr: Optional[str], port: Optional[int]) -> str:
 
 
 def human(e: Event) -> str:
-    """One line under 100 columns for IPv4 events (IPv6 addresses can make it longer)."""
+    """One line, under 100 columns for an IPv4 event without an owner process (most are:
+    passive resets run in softirq). IPv6 addresses and PID/COMM can make it longer."""
     state = (e.state or "-").replace("TCP_", "", 1)
     flow = "%s > %s" % (_ep(e.laddr, e.lport), _ep(e.raddr, e.rport)) if e.raddr or e.laddr else "-"
     who = "%d/%s" % (e.pid, e.comm) if e.pid is not None else "-"
     if e.count != 1:
         who = "x%d %s" % (e.count, who)
-    return "%-8s %-4s %-22s %-11s %-41s %-10s %s" % (
+    return "%-8s %-4s %-20s %-11s %-37s %-10s %s" % (
         e.time[11:19],
         SHORT_KIND.get(e.kind, e.kind[:4]),
         e.reason or "-",

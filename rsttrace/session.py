@@ -138,8 +138,8 @@ class Session:
         if self.poller is not None:
             with self._lock:
                 items = list(self.poller.totals.counts.items())
-            for (kind, reason, netns, port), n in items:
-                key = CountKey(kind, reason, "kernel", None, None, netns, port)
+            for (dkind, dreason, dnetns, dport), n in items:
+                key = CountKey(dkind, dreason, "kernel", None, None, dnetns, dport)
                 out[key] = out.get(key, 0) + n
         return out
 

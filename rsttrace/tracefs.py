@@ -174,10 +174,14 @@ def ensure_tracefs(mount_debugfs: bool = False) -> Tuple[str, List[str]]:
     tracepoint ids under /sys/kernel/debug/tracing only, so ``mount_debugfs`` is set for it.
     """
     mounted: List[str] = []
-    if mount_debugfs and not os.path.isdir(os.path.join(DEBUGFS, "tracing", "events")):
-        if os.path.isdir(DEBUGFS) and not os.listdir(DEBUGFS):
-            _mount("debugfs", DEBUGFS, "debugfs")
-            mounted.append("debugfs on %s" % DEBUGFS)
+    if (
+        mount_debugfs
+        and not os.path.isdir(os.path.join(DEBUGFS, "tracing", "events"))
+        and os.path.isdir(DEBUGFS)
+        and not os.listdir(DEBUGFS)
+    ):
+        _mount("debugfs", DEBUGFS, "debugfs")
+        mounted.append("debugfs on %s" % DEBUGFS)
     path = find_tracefs()
     if path is None:
         target = TRACEFS_CANDIDATES[0]

@@ -89,7 +89,9 @@ class Tracer:
         try:
             self.bpf = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function", "-Wno-unused-variable"])
         except Exception as e:
-            raise TracerError("compiling the BPF program failed: %s (headers: %s)" % (_first_line(e), self.headers)) from e
+            raise TracerError(
+                "compiling the BPF program failed: %s (headers: %s)" % (_first_line(e), self.headers)
+            ) from e
         macros = self.facts.macros()
         plan = [
             ("rsttrace_send_reset", "tcp:tcp_send_reset", "HAVE_TP_SEND_RESET"),

@@ -42,9 +42,8 @@ class Netns:
             return procnet.read("/proc/thread-self/net")
 
     def sysctl(self, name: str, value: str) -> None:
-        with self.inside():
-            with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
-                f.write(value)
+        with self.inside(), open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+            f.write(value)
 
 
 def now_ns() -> int:

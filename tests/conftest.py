@@ -11,9 +11,9 @@ from typing import List
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-KERNEL_FORMATS = os.path.join(FIXTURES, "kernel-formats")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testpaths import ROOT  # noqa: E402
+
 sys.path.insert(0, os.path.join(ROOT, "tests", "real"))
 
 

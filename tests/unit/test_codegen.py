@@ -13,7 +13,7 @@ import tempfile
 from typing import Dict
 
 import pytest
-from conftest import KERNEL_FORMATS
+from testpaths import KERNEL_FORMATS
 
 from rsttrace import codegen, kernel
 from rsttrace.tracefs import Tracefs

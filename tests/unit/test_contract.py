@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import ROOT
+from testpaths import ROOT
 
 from rsttrace import contract
 

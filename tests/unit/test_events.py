@@ -6,7 +6,7 @@ import ctypes
 import os
 import socket
 
-from conftest import KERNEL_FORMATS
+from testpaths import KERNEL_FORMATS
 
 from rsttrace import contract as c
 from rsttrace import kernel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import KERNEL_FORMATS
+from testpaths import KERNEL_FORMATS
 
 from rsttrace.tracefs import Tracefs, parse_format, parse_print_symbolic
 

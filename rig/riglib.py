@@ -1,0 +1,1079 @@
+"""Offline kernel test rig: boot Debian's own 5.10, 6.1 and 6.12 kernels under
+qemu and run one command inside each.  See rig/README.md.
+
+Host side only, Python 3.9 stdlib.  The guest side is rig/guest/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+RIG_DIR = Path(__file__).resolve().parent
+GUEST_DIR = RIG_DIR / "guest"
+# Bump when the way an image is made changes in a way the inputs hashed in
+# cache_key() do not show (e.g. the wheel installer below).
+IMAGE_FORMAT = "rsttrace-rig-image-1"
+DEFAULT_CACHE = "/var/cache/rsttrace-rig"
+DEFAULT_TIMEOUT = 15 * 60
+# A guest needs no network; only the project's own test namespaces.
+MARK = "RSTTRACE-RIG:"
+
+
+@dataclass(frozen=True)
+class Release:
+    label: str  # what --kernel takes and what prefixes output lines
+    suite: str  # Debian suite given to debootstrap
+    number: int
+
+
+RELEASES: tuple[Release, ...] = (
+    Release("5.10", "bullseye", 11),
+    Release("6.1", "bookworm", 12),
+    Release("6.12", "trixie", 13),
+)
+BY_LABEL = {r.label: r for r in RELEASES}
+
+
+# ----------------------------------------------------------------- output ---
+
+_print_lock = threading.Lock()
+
+
+def say(prefix: str, text: str, stream: IO[str] = sys.stdout) -> None:
+    """Print one line per input line, prefixed, without interleaving threads."""
+    with _print_lock:
+        for line in text.splitlines() or [""]:
+            stream.write(f"[{prefix}] {line}\n")
+        stream.flush()
+
+
+class RigError(Exception):
+    """A setup problem (missing tool, failed build): exit status 2."""
+
+
+# ------------------------------------------------------------ input lists ---
+
+
+def read_list(path: Path) -> list[str]:
+    """Non-empty lines of a package or requirements file, comments removed."""
+    items = []
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            items.append(line)
+    return items
+
+
+def cache_key(
+    release: Release,
+    packages: Sequence[str],
+    wheels: Sequence[str],
+    mirror: str,
+    stage1: bytes,
+) -> str:
+    """Hash of everything that goes into an image; a change means a rebuild."""
+    h = hashlib.sha256()
+    for part in (
+        IMAGE_FORMAT,
+        release.suite,
+        mirror,
+        "\n".join(sorted(packages)),
+        "\n".join(sorted(w.lower() for w in wheels)),
+    ):
+        h.update(part.encode() + b"\0")
+    h.update(stage1)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------- wheel installer ---
+
+
+def _dist_info_dir(names: Iterable[str]) -> str:
+    tops = {n.split("/", 1)[0] for n in names}
+    infos = [t for t in tops if t.endswith(".dist-info")]
+    if len(infos) != 1:
+        raise RigError(f"wheel has {len(infos)} .dist-info directories")
+    return infos[0]
+
+
+def console_scripts(entry_points: str) -> dict[str, str]:
+    """The [console_scripts] section of an entry_points.txt: name -> target."""
+    scripts: dict[str, str] = {}
+    section = ""
+    for raw in entry_points.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]").strip()
+        elif section == "console_scripts" and "=" in line:
+            name, target = (s.strip() for s in line.split("=", 1))
+            scripts[name] = target.split("[", 1)[0].strip()  # drop extras
+    return scripts
+
+
+def script_text(target: str) -> str:
+    module, _, attr = target.partition(":")
+    call = attr or "main"
+    head = call.split(".", 1)[0]
+    return f"#!/usr/bin/python3\nimport sys\nfrom {module} import {head}\nsys.exit({call}())\n"
+
+
+def install_wheel(wheel: Path, root: Path, python: str) -> list[str]:
+    """Unpack one wheel into root's /usr/local the way pip would, without pip.
+
+    The minbase image has no pip, and running pip in a chroot would need the
+    chroot's proc and network; a wheel is a zip laid out for site-packages, so
+    unpacking it on the host is enough.  Returns the console scripts made.
+    """
+    site = root / "usr/local/lib" / python / "dist-packages"
+    bindir = root / "usr/local/bin"
+    site.mkdir(parents=True, exist_ok=True)
+    bindir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        info = _dist_info_dir(names)
+        data = info[: -len(".dist-info")] + ".data"
+        for name in names:
+            if name.endswith("/"):
+                continue
+            parts = name.split("/")
+            if name.startswith("/") or ".." in parts:
+                raise RigError(f"{wheel.name}: unsafe path {name}")
+            if parts[0] == data:
+                kind, rest = parts[1], parts[2:]
+                if kind in ("purelib", "platlib"):
+                    dest = site.joinpath(*rest)
+                elif kind == "scripts":
+                    dest = bindir.joinpath(*rest)
+                else:  # headers, data: /usr/local like a system-wide pip
+                    dest = root.joinpath("usr/local", *rest)
+            else:
+                dest = site.joinpath(*parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(zf.read(name))
+            if parts[0] == data and parts[1] == "scripts":
+                dest.chmod(0o755)
+        (site / info / "INSTALLER").write_text("rsttrace-rig\n")
+        made = []
+        try:
+            eps = zf.read(f"{info}/entry_points.txt").decode()
+        except KeyError:
+            eps = ""
+        for name, target in console_scripts(eps).items():
+            path = bindir / name
+            path.write_text(script_text(target))
+            path.chmod(0o755)
+            made.append(name)
+    return made
+
+
+# ------------------------------------------------------------ image build ---
+
+
+@dataclass
+class Image:
+    release: Release
+    key: str
+    directory: Path
+    meta: dict[str, object] = field(default_factory=dict)
+    built_seconds: float | None = None  # None: taken from the cache
+
+    @property
+    def root_img(self) -> Path:
+        return self.directory / "root.img"
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+
+def mke2fs_version() -> tuple[int, ...]:
+    out = subprocess.run(["mke2fs", "-V"], capture_output=True, text=True, check=False)
+    m = re.search(r"mke2fs (\d+)\.(\d+)", out.stdout + out.stderr)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def tree_usage(root: Path) -> tuple[int, int]:
+    """(bytes rounded up to 4 KiB blocks, inode count) of a directory tree."""
+    total, count = 0, 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += (st.st_size + 4095) // 4096 * 4096
+            count += 1
+    return total, count
+
+
+def make_ext4(tree: Path, image: Path, label: str) -> None:
+    """ext4 image of a directory with mke2fs -d: no loop device, no mount."""
+    used, inodes = tree_usage(tree)
+    # Room for what the guest writes (the project, outputs, pycache) on top
+    # of the cached content; the file is sparse, so headroom costs no disk.
+    size_mib = int(used * 1.25) // (1 << 20) + 1024
+    cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-d", str(tree)]
+    cmd += ["-N", str(int(inodes * 1.5) + 65536)]
+    if mke2fs_version() >= (1, 47):
+        # orphan_file (default in newer mke2fs.conf) is unknown to 5.10,
+        # which would then refuse to mount the root read-write.
+        cmd += ["-O", "^orphan_file"]
+    cmd += [str(image), f"{size_mib}M"]
+    subprocess.run(cmd, check=True)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    found = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            mnt = line.split()[1].replace("\\040", " ")
+            if mnt.startswith(prefix):
+                found.append(mnt)
+    return sorted(found, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf a debootstrap target, unmounting what a failed run left there."""
+    if not path.exists():
+        return
+    for mnt in _mounts_under(path):
+        subprocess.run(["umount", "-l", mnt], check=False)
+    if _mounts_under(path):
+        raise RigError(f"{path} still has mounts; not removing it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_logged(cmd: Sequence[str], log: IO[str], **kw: object) -> None:
+    log.write("+ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    log.flush()
+    proc = subprocess.run(
+        list(cmd),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        check=False,
+        **kw,  # type: ignore[call-overload]
+    )
+    if proc.returncode != 0:
+        raise RigError(f"{cmd[0]} failed with status {proc.returncode}")
+
+
+def pip_command() -> list[str]:
+    probe = subprocess.run(
+        [sys.executable, "-m", "pip", "--version"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return [sys.executable, "-m", "pip"]
+    for name in ("pip3", "pip"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise RigError("pip is needed on the host to download wheels (apt install python3-pip)")
+
+
+def guest_python(root: Path) -> str:
+    """'python3.X' that /usr/bin/python3 of a rootfs points at."""
+    target = os.readlink(root / "usr/bin/python3")
+    name = os.path.basename(target)
+    if not re.fullmatch(r"python3\.\d+", name):
+        raise RigError(f"unexpected /usr/bin/python3 -> {target}")
+    return name
+
+
+def kernel_files(root: Path) -> tuple[str, Path, Path]:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise RigError(f"expected one kernel in /boot, found {len(kernels)}")
+    version = kernels[0].name[len("vmlinuz-") :]
+    initrd = root / "boot" / f"initrd.img-{version}"
+    if not initrd.exists():
+        raise RigError(f"no initrd for {version}: did initramfs-tools run?")
+    build = root / "lib/modules" / version / "build"
+    if not os.path.lexists(build) or not (root / f"usr/src/linux-headers-{version}").is_dir():
+        raise RigError(f"no matching linux-headers for {version}")
+    return version, kernels[0], initrd
+
+
+@dataclass
+class BuildConfig:
+    cache: Path
+    packages: list[str]
+    wheels: list[str]
+    requirements: Path
+    mirror: str  # "" = debootstrap's own default mirror
+    rebuild: bool = False
+
+
+def image_for(release: Release, cfg: BuildConfig) -> Image:
+    stage1 = (GUEST_DIR / "rig-init").read_bytes()
+    key = cache_key(release, cfg.packages, cfg.wheels, cfg.mirror or "default", stage1)
+    directory = cfg.cache / "images" / f"{release.suite}-{key}"
+    return Image(release, key, directory)
+
+
+def load_meta(image: Image) -> bool:
+    try:
+        image.meta = json.loads((image.directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(p.exists() for p in (image.root_img, image.vmlinuz, image.initrd))
+
+
+def ensure_image(release: Release, cfg: BuildConfig) -> Image:
+    """Reuse the cached image of this release or build it (under a lock)."""
+    image = image_for(release, cfg)
+    if not cfg.rebuild and load_meta(image):
+        return image
+    locks = cfg.cache / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{release.suite}.lock", "w") as lock:
+        # Another rig run (another engineer, another CI job) may be building
+        # the same image: wait for it instead of racing it.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cfg.rebuild and load_meta(image):
+            return image
+        build_image(image, cfg)
+        return image
+
+
+UNSAFE_IO = "etc/dpkg/dpkg.cfg.d/rsttrace-rig-unsafe-io"
+# Modules the initramfs needs to mount the virtio root; with MODULES=list the
+# initrd holds these instead of most of the kernel's drivers: 5 MiB instead of
+# 35, which saves several seconds of every boot under TCG.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+
+
+def scratch_dir(cache: Path) -> Path:
+    """Where the debootstrap target is made: $RSTTRACE_RIG_TMP, else /dev/shm
+    when it has room for a rootfs (4 GiB), else the cache itself."""
+    env = os.environ.get("RSTTRACE_RIG_TMP")
+    if env:
+        return Path(env)
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize >= 4 << 30:
+            return Path("/dev/shm")
+    except OSError:
+        pass
+    return cache / "tmp"
+
+
+def preseed_root(root: Path) -> None:
+    """Files put in the target before debootstrap runs, so that its dpkg and
+    update-initramfs see them the first time (no second initramfs build).
+    Only paths no package owns: /etc/dpkg/dpkg.cfg.d and conf.d snippets."""
+    files = {
+        UNSAFE_IO: "# rig build only: no fsync per file while debootstrap unpacks\nforce-unsafe-io\n",
+        "etc/initramfs-tools/conf.d/rsttrace-rig": "MODULES=list\nCOMPRESS=gzip\n",
+        "usr/share/initramfs-tools/modules.d/rsttrace-rig": "\n".join(INITRD_MODULES) + "\n",
+    }
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def build_image(image: Image, cfg: BuildConfig) -> None:
+    release = image.release
+    logs = cfg.cache / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{release.suite}-build.log"
+    say(release.label, f"building the {release.suite} image (log: {log_path})")
+    start = time.monotonic()
+    work = cfg.cache / "tmp" / f"{release.suite}-{os.getpid()}"
+    remove_tree(work)
+    work.mkdir(parents=True)
+    # The debootstrap target goes to tmpfs when there is room: dpkg's many
+    # small writes and fsyncs there cost nothing, and mke2fs -d copies it out.
+    root = scratch_dir(cfg.cache) / f"rsttrace-rig-{release.suite}-{os.getpid()}"
+    remove_tree(root)
+    debs = cfg.cache / "debs" / release.suite
+    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(log_path, "w") as log:
+            preseed_root(root)
+            cmd = [
+                "debootstrap",
+                "--variant=minbase",
+                "--components=main",
+                f"--cache-dir={debs.resolve()}",
+                "--include=" + ",".join(cfg.packages),
+                release.suite,
+                str(root),
+            ]
+            if cfg.mirror:
+                cmd.append(cfg.mirror)
+            t0 = time.monotonic()
+            run_logged(cmd, log)
+            t_debootstrap = time.monotonic() - t0
+            (root / UNSAFE_IO).unlink()
+            version, vmlinuz, initrd = kernel_files(root)
+            python = guest_python(root)
+            t0 = time.monotonic()
+            wheels = fetch_wheels(cfg, python, log)
+            for wheel in wheels:
+                made = install_wheel(wheel, root, python)
+                log.write(f"installed {wheel.name} {' '.join(made)}\n")
+            t_wheels = time.monotonic() - t0
+            customize_root(root, GUEST_DIR / "rig-init")
+            shutil.copy2(vmlinuz, work / "vmlinuz")
+            shutil.copy2(initrd, work / "initrd.img")
+            t0 = time.monotonic()
+            log.write("+ mke2fs\n")
+            log.flush()
+            make_ext4(root, work / "root.img", "rsttrace-root")
+            t_mke2fs = time.monotonic() - t0
+        remove_tree(root)
+        seconds = time.monotonic() - start
+        meta: dict[str, object] = {
+            "release": release.label,
+            "suite": release.suite,
+            "key": image.key,
+            "kernel": version,
+            "python": python,
+            "packages": cfg.packages,
+            "wheels": [w.name for w in wheels],
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(seconds, 1),
+            "debootstrap_seconds": round(t_debootstrap, 1),
+            "wheels_seconds": round(t_wheels, 1),
+            "mke2fs_seconds": round(t_mke2fs, 1),
+            "image_bytes_apparent": (work / "root.img").stat().st_size,
+            "image_bytes_used": (work / "root.img").stat().st_blocks * 512,
+        }
+        (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # Publish atomically, then drop this release's older images.
+        remove_tree(image.directory)
+        image.directory.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(work, image.directory)
+        for old in image.directory.parent.glob(f"{release.suite}-*"):
+            if old != image.directory:
+                remove_tree(old)
+    except BaseException:
+        remove_tree(root)
+        remove_tree(work)
+        raise
+    image.meta = meta
+    image.built_seconds = seconds
+    say(
+        release.label,
+        f"built {version} image in {seconds:.0f} s (debootstrap {t_debootstrap:.0f} s, "
+        f"mke2fs {t_mke2fs:.0f} s, {meta['image_bytes_used'] // (1 << 20)} MiB used)",  # type: ignore[operator]
+    )
+
+
+def fetch_wheels(cfg: BuildConfig, python: str, log: IO[str]) -> list[Path]:
+    """pip download the requirements for the guest's Python, binary only."""
+    if not cfg.wheels:
+        return []
+    version = python[len("python") :]
+    dest = cfg.cache / "wheels" / python
+    # A fresh directory each build, so a wheel dropped from the list leaves.
+    remove_tree(dest)
+    dest.mkdir(parents=True)
+    cmd = pip_command() + [
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        version,
+        "--implementation",
+        "cp",
+        # glibc 2.17: a binary wheel this selects runs on all three releases.
+        "--platform",
+        "manylinux2014_x86_64",
+        "--dest",
+        str(dest),
+        "-r",
+        str(cfg.requirements),
+    ]
+    run_logged(cmd, log)
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != len(cfg.wheels):
+        raise RigError(f"pip gave {len(wheels)} wheels for {len(cfg.wheels)} requirements")
+    return wheels
+
+
+def customize_root(root: Path, stage1: Path) -> None:
+    shutil.copy2(stage1, root / "rig-init")
+    (root / "rig-init").chmod(0o755)
+    (root / "etc/hostname").write_text("rsttrace-rig\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost rsttrace-rig\n::1 localhost ip6-localhost\n")
+    # Nothing in the guest uses apt: drop its lists and the downloaded debs.
+    for sub in ("var/lib/apt/lists", "var/cache/apt/archives"):
+        d = root / sub
+        if d.is_dir():
+            for p in d.glob("*"):
+                if p.is_file():
+                    p.unlink()
+
+
+# -------------------------------------------------------------- run inputs ---
+
+
+def project_files(project: Path, untracked: bool) -> list[str]:
+    cmd = ["git", "-C", str(project), "ls-files", "-z", "--cached"]
+    if untracked:
+        cmd += ["--others", "--exclude-standard"]
+    out = subprocess.run(cmd, capture_output=True, check=False)
+    if out.returncode != 0:
+        raise RigError(f"git ls-files failed in {project}: {out.stderr.decode().strip()}")
+    names = sorted({n for n in out.stdout.decode().split("\0") if n})
+    # A file deleted in the work tree but not yet in the index is skipped.
+    return [n for n in names if os.path.lexists(project / n)]
+
+
+def command_script(argv: Sequence[str]) -> str:
+    return "exec " + " ".join(shlex.quote(a) for a in argv) + "\n"
+
+
+def env_script(release: Release, extra: dict[str, str]) -> str:
+    env = {"RSTTRACE_RIG_KERNEL": release.label, "RSTTRACE_RIG_SUITE": release.suite}
+    env.update(extra)
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+
+
+def write_input_tar(
+    dest: Path,
+    project: Path,
+    files: Sequence[str],
+    argv: Sequence[str],
+    env_sh: str,
+) -> None:
+    """The per-run input disk: a tar that stage 1 unpacks from /dev/vdb."""
+
+    def add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+        tf.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tf:
+        add_bytes(tf, "init.sh", (GUEST_DIR / "init.sh").read_bytes(), 0o755)
+        add_bytes(tf, "cmd.sh", command_script(argv).encode(), 0o755)
+        add_bytes(tf, "env.sh", env_sh.encode(), 0o644)
+        for name in files:
+            info = tf.gettarinfo(str(project / name), arcname=f"project/{name}")
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if info.isreg():
+                with open(project / name, "rb") as f:
+                    tf.addfile(info, f)
+            else:
+                tf.addfile(info)
+    # qemu wants whole sectors.
+    size = dest.stat().st_size
+    with open(dest, "ab") as padded:
+        padded.truncate((size + 511) // 512 * 512)
+
+
+def extract_result(disk: Path, dest: Path) -> int | None:
+    """Read the tar the guest wrote on the raw result disk; return its status.
+
+    The guest is trusted no more than needed: only regular files and
+    directories with relative paths inside dest are written.
+    """
+    status: int | None = None
+    try:
+        with tarfile.open(disk, "r:") as tf:
+            for member in tf:
+                name = os.path.normpath(member.name)
+                if name in (".", "") or name.startswith(("/", "..")):
+                    continue
+                if name == "status" and member.isreg():
+                    f = tf.extractfile(member)
+                    text = f.read().decode(errors="replace").strip() if f else ""
+                    status = int(text) if text.isdigit() else None
+                elif member.isdir():
+                    (dest / name).mkdir(parents=True, exist_ok=True)
+                elif member.isreg():
+                    target = dest / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tf.extractfile(member)
+                    if src is not None:
+                        with open(target, "wb") as out:
+                            shutil.copyfileobj(src, out)
+    except tarfile.TarError:
+        # An all-zero disk (the guest never wrote it) is no tar at all.
+        return None
+    return status
+
+
+# ------------------------------------------------------------------- boot ---
+
+
+@dataclass
+class BootConfig:
+    accel: str  # "kvm" or "tcg"
+    memory_mib: int
+    smp: int
+    timeout: float
+    out_size_mib: int
+    verbose: bool
+    cpu: str = ""  # "" = host under kvm, max under tcg
+
+
+def qemu_command(image: Image, boot: BootConfig, input_tar: Path, result_disk: Path) -> list[str]:
+    append = (
+        "root=/dev/vda rw rootfstype=ext4 console=ttyS0,115200 init=/rig-init panic=-1 quiet loglevel=4 net.ifnames=0"
+    )
+    cpu = boot.cpu or ("host" if boot.accel == "kvm" else "max")
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        boot.accel,
+        "-cpu",
+        cpu,
+        "-m",
+        str(boot.memory_mib),
+        "-smp",
+        str(boot.smp),
+        "-kernel",
+        str(image.vmlinuz),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        append,
+        # snapshot=on: the guest's writes go to a throw-away overlay, so the
+        # cached image stays pristine and several boots can share it.
+        "-drive",
+        f"file={image.root_img},format=raw,if=virtio,snapshot=on",
+        "-drive",
+        f"file={input_tar},format=raw,if=virtio,readonly=on",
+        "-drive",
+        f"file={result_disk},format=raw,if=virtio",
+        "-nic",
+        "none",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ]
+
+
+@dataclass
+class Outcome:
+    release: Release
+    image: Image
+    status: int | None = None
+    boot_seconds: float | None = None
+    note: str = ""
+    out_dir: Path | None = None
+
+
+def boot_and_run(
+    image: Image,
+    boot: BootConfig,
+    project: Path,
+    files: Sequence[str],
+    argv: Sequence[str],
+    out_root: Path,
+) -> Outcome:
+    release = image.release
+    outcome = Outcome(release, image)
+    out_dir = out_root / release.label
+    remove_tree(out_dir)
+    out_dir.mkdir(parents=True)
+    outcome.out_dir = out_dir
+    scratch = Path(tempfile.mkdtemp(prefix=f"rig-{release.suite}-", dir=str(out_root)))
+    try:
+        input_tar = scratch / "input.tar"
+        write_input_tar(
+            input_tar,
+            project,
+            files,
+            argv,
+            env_script(
+                release,
+                {"RSTTRACE_RIG_GUEST_KERNEL": str(image.meta.get("kernel", ""))},
+            ),
+        )
+        result_disk = scratch / "result.disk"
+        with open(result_disk, "wb") as f:
+            f.truncate(boot.out_size_mib << 20)  # sparse
+        cmd = qemu_command(image, boot, input_tar, result_disk)
+        log_path = out_dir / "console.log"
+        marker_status, seconds, note = _run_qemu(cmd, release, boot, log_path)
+        outcome.boot_seconds = seconds
+        disk_status = extract_result(result_disk, out_dir)
+        # The status on the result disk is authoritative; the console line is
+        # the fallback for a guest that could not write the disk.
+        outcome.status = disk_status if disk_status is not None else marker_status
+        outcome.note = note
+        if outcome.status is None:
+            outcome.note = note or "the guest reported no status"
+            say(
+                release.label,
+                f"no status from the guest ({outcome.note}); last console lines:",
+            )
+            tail = log_path.read_text(errors="replace").splitlines()[-40:]
+            say(release.label, "\n".join("  | " + t for t in tail))
+        (out_dir / "status").write_text(f"{outcome.status if outcome.status is not None else 'none'}\n")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return outcome
+
+
+def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: Path) -> tuple[int | None, float, str]:
+    """Run qemu, stream the console, return (status line, seconds, note)."""
+    start = time.monotonic()
+    status: int | None = None
+    result_at: float | None = None
+    note = ""
+    with open(log_path, "w") as log:
+        log.write("+ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        timer = threading.Timer(boot.timeout, proc.kill)
+        timer.start()
+        in_command = False
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
+                log.write(line + "\n")
+                log.flush()
+                if line.startswith(MARK):
+                    rest = line[len(MARK) :].strip()
+                    if rest.startswith("begin"):
+                        in_command = True
+                        say(
+                            release.label,
+                            f"booted in {time.monotonic() - start:.1f} s: {rest[5:].strip()}",
+                        )
+                        continue
+                    m = re.fullmatch(r"status (\d+)", rest)
+                    if m:
+                        status = int(m.group(1))
+                        result_at = time.monotonic()
+                        in_command = False
+                        continue
+                    say(release.label, rest)
+                    continue
+                if in_command or boot.verbose:
+                    say(release.label, line)
+            proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    elapsed = (result_at or time.monotonic()) - start
+    if status is None and time.monotonic() - start >= boot.timeout:
+        note = f"timed out after {boot.timeout:.0f} s"
+    return status, elapsed, note
+
+
+# ------------------------------------------------------------ kvm or tcg ---
+
+
+def kvm_usable(image: Image, cache: Path) -> bool:
+    """Does qemu -accel kvm boot a kernel here?  /dev/kvm opening is not enough.
+
+    On some nested hosts /dev/kvm opens but the guest hangs at boot; a short
+    probe boot (kernel alone, which panics for want of a root, and
+    panic=-1 -no-reboot ends qemu) tells.  The answer is cached per host
+    kernel and qemu version, since a hang costs the whole probe timeout.
+    """
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+    except OSError:
+        return False
+    qemu_version = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[:1]
+    probe_key = hashlib.sha256((os.uname().release + "\0" + "".join(qemu_version)).encode()).hexdigest()[:16]
+    probe_file = cache / f"kvm-probe-{probe_key}.json"
+    try:
+        return bool(json.loads(probe_file.read_text())["kvm"])
+    except (OSError, ValueError, KeyError):
+        pass
+    cmd = [
+        "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256",
+        "-kernel", str(image.vmlinuz), "-append", "console=ttyS0 panic=-1",
+        "-nic", "none", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+    ]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        ok = out.returncode == 0 and b"Kernel panic" in out.stdout
+    except subprocess.TimeoutExpired:
+        ok = False
+    probe_file.write_text(json.dumps({"kvm": ok}) + "\n")
+    return ok
+
+
+# -------------------------------------------------------------------- cli ---
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="rig/run",
+        description="Boot Debian's 5.10/6.1/6.12 kernels under qemu and run a command in the project.",
+        epilog="Example: rig/run --kernel 6.1 -- python3 -m pytest -q tests",
+    )
+    p.add_argument(
+        "--kernel",
+        action="append",
+        default=[],
+        help="5.10, 6.1, 6.12 or all (default all); repeat or comma-separate",
+    )
+    p.add_argument("--rebuild", action="store_true", help="rebuild the images even if cached")
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="build or check the images, boot nothing",
+    )
+    p.add_argument(
+        "--cache",
+        default=os.environ.get("RSTTRACE_RIG_CACHE", DEFAULT_CACHE),
+        help="image cache (default $RSTTRACE_RIG_CACHE or %(default)s)",
+    )
+    p.add_argument("--project", help="git work tree to copy in (default: the one holding rig/)")
+    p.add_argument(
+        "--untracked",
+        action="store_true",
+        help="also copy untracked files git does not ignore",
+    )
+    p.add_argument("--out", help="where results land (default: PROJECT/build/rig)")
+    p.add_argument("--requirements", default=str(RIG_DIR / "requirements.txt"))
+    p.add_argument("--packages", default=str(RIG_DIR / "packages.txt"))
+    p.add_argument(
+        "--mirror",
+        default=os.environ.get("RSTTRACE_RIG_MIRROR", ""),
+        help="Debian mirror for debootstrap (default $RSTTRACE_RIG_MIRROR or debootstrap's own)",
+    )
+    p.add_argument(
+        "--accel",
+        choices=("auto", "kvm", "tcg"),
+        default=os.environ.get("RSTTRACE_RIG_ACCEL", "auto"),
+        help="auto: kvm when a probe boot works, else tcg",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds per boot (default %(default)s)",
+    )
+    p.add_argument("--memory", type=int, default=2048, help="guest MiB (default %(default)s)")
+    p.add_argument("--cpu", default="", help="qemu -cpu model (default: host under kvm, max under tcg)")
+    p.add_argument("--smp", type=int, default=2, help="guest CPUs (default %(default)s)")
+    p.add_argument(
+        "--out-size",
+        type=int,
+        default=512,
+        help="MiB the output dir may take (default %(default)s)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="kernels booted at once (default %(default)s)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also stream the boot's console lines",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    args = p.parse_args(list(argv))
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    if not args.command and not args.build_only:
+        p.error("no command given (rig/run [options] -- COMMAND ...)")
+    return args
+
+
+def select_releases(specs: Sequence[str]) -> list[Release]:
+    labels: list[str] = []
+    for spec in specs or ["all"]:
+        for item in spec.split(","):
+            item = item.strip()
+            if item == "all":
+                labels.extend(r.label for r in RELEASES)
+            elif item in BY_LABEL:
+                labels.append(item)
+            else:
+                # Also take suite names and release numbers: bookworm, 12.
+                match = [r for r in RELEASES if item in (r.suite, str(r.number))]
+                if not match:
+                    raise RigError(f"unknown kernel {item!r}: use 5.10, 6.1, 6.12 or all")
+                labels.append(match[0].label)
+    return [BY_LABEL[label] for label in dict.fromkeys(labels)]
+
+
+def require_tools(names: Iterable[str]) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        raise RigError("missing host tools: " + ", ".join(missing) + " (see rig/README.md)")
+
+
+def human_bytes(n: object) -> str:
+    return f"{int(n) / (1 << 30):.2f} GiB" if isinstance(n, int) else "?"
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        return _main(parse_args(argv))
+    except RigError as e:
+        print(f"rig: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    releases = select_releases(args.kernel)
+    cache = Path(args.cache).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    requirements = Path(args.requirements).resolve()
+    cfg = BuildConfig(
+        cache=cache,
+        packages=read_list(Path(args.packages)),
+        wheels=read_list(requirements),
+        requirements=requirements,
+        mirror=args.mirror,
+        rebuild=args.rebuild,
+    )
+    need_build = args.rebuild or not all(load_meta(image_for(r, cfg)) for r in releases)
+    if need_build:
+        require_tools(["debootstrap", "mke2fs"])
+        if os.geteuid() != 0:
+            raise RigError("building an image needs root (debootstrap chroots)")
+
+    # Builds run in parallel: debootstrap mostly waits on the network and on
+    # dpkg's fsyncs, so three at once finish sooner than one after another.
+    images: dict[str, Image] = {}
+    errors: dict[str, BaseException] = {}
+
+    def build(r: Release) -> None:
+        try:
+            images[r.label] = ensure_image(r, cfg)
+        except BaseException as e:  # noqa: BLE001 - reported below, per release
+            errors[r.label] = e
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in releases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for label, err in errors.items():
+        say(label, f"image build failed: {err}", sys.stderr)
+    if errors:
+        raise RigError("image build failed for " + ", ".join(errors))
+    if args.build_only:
+        for r in releases:
+            im = images[r.label]
+            how = "cached" if im.built_seconds is None else f"built in {im.built_seconds:.0f} s"
+            say(r.label, f"{im.meta.get('kernel')} image {how}: {im.directory}")
+        return 0
+
+    require_tools(["qemu-system-x86_64", "git"])
+    project = Path(args.project).resolve() if args.project else RIG_DIR.parent
+    files = project_files(project, args.untracked)
+    out_root = Path(args.out).resolve() if args.out else project / "build" / "rig"
+    out_root.mkdir(parents=True, exist_ok=True)
+
+    accel = args.accel
+    if accel == "auto":
+        accel = "kvm" if kvm_usable(images[releases[0].label], cache) else "tcg"
+    boot = BootConfig(accel, args.memory, args.smp, args.timeout, args.out_size, args.verbose, args.cpu)
+    say(
+        "rig",
+        f"{len(files)} project files from {project}; accel {accel}; results in {out_root}",
+    )
+
+    outcomes: dict[str, Outcome] = {}
+    pending = list(releases)
+    pending_lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with pending_lock:
+                if not pending:
+                    return
+                r = pending.pop(0)
+            try:
+                outcomes[r.label] = boot_and_run(images[r.label], boot, project, files, args.command, out_root)
+            except Exception as e:  # noqa: BLE001 - one kernel's failure must not hide the others
+                outcomes[r.label] = Outcome(r, images[r.label], note=f"rig error: {e}")
+
+    workers = [threading.Thread(target=worker) for _ in range(max(1, min(args.jobs, len(releases))))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+
+    print_summary([outcomes[r.label] for r in releases], out_root)
+    return 0 if all(o.status == 0 for o in outcomes.values()) else 1
+
+
+def print_summary(outcomes: Sequence[Outcome], out_root: Path) -> None:
+    rows = [("kernel", "guest kernel", "image", "size", "boot-to-result", "status")]
+    summary = []
+    for o in outcomes:
+        im = o.image
+        built = "cached" if im.built_seconds is None else f"built {im.built_seconds:.0f} s"
+        boot_s = f"{o.boot_seconds:.1f} s" if o.boot_seconds is not None else "-"
+        status = str(o.status) if o.status is not None else f"none ({o.note})"
+        rows.append(
+            (
+                o.release.label,
+                str(im.meta.get("kernel", "?")),
+                built,
+                human_bytes(im.meta.get("image_bytes_used")),
+                boot_s,
+                status,
+            )
+        )
+        summary.append(
+            {
+                "kernel": o.release.label,
+                "suite": o.release.suite,
+                "guest_kernel": im.meta.get("kernel"),
+                "image": "cached" if im.built_seconds is None else "built",
+                "build_seconds": im.built_seconds,
+                "boot_to_result_seconds": o.boot_seconds,
+                "status": o.status,
+                "note": o.note,
+                "results": str(o.out_dir) if o.out_dir else None,
+            }
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    with _print_lock:
+        print()
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        sys.stdout.flush()
+    (out_root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,6 +13,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from . import __version__, doctor, log, output
 from .events import Event
+from .exporter import DEFAULT_PORT
 from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports, parse_reasons
 from .kernel import KernelFacts, gather
 from .reasons_text import explain
@@ -30,6 +31,7 @@ EXAMPLES = """examples:
   rsttrace summary --interval 10         # counts by kind/reason/state every 10 s
   rsttrace reasons                       # the running kernel's reason table, explained
   rsttrace doctor                        # what this node has and lacks, with fixes
+  rsttrace export --listen 0.0.0.0:10793 # Prometheus /metrics and /healthz, events to the log
 """
 
 
@@ -111,6 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=_positive(float), default=5.0, metavar="SECONDS", help="default 5")
     s.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long")
     s.add_argument("--json", action="store_true", help="one JSON object per interval")
+
+    e = sub.add_parser("export", help="serve Prometheus metrics (/metrics, /healthz) and log events",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  rsttrace export                                # 127.0.0.1:10793\n"
+                              "  rsttrace export --listen 0.0.0.0:10793 --log-rate 50\n"
+                              "  rsttrace export --listen [::]:10793 --log-rate 0  # counters only, no event log\n")
+    e.add_argument("--listen", default="127.0.0.1:%d" % DEFAULT_PORT, metavar="HOST:PORT",
+                   help="address to serve on, IPv6 in brackets (default 127.0.0.1:%d: nothing exposed "
+                        "by accident)" % DEFAULT_PORT)
+    e.add_argument("--log-rate", type=int, default=20, metavar="N",
+                   help="at most N event log lines per second, 0 = no event log (default 20)")
+    e.add_argument("--log-interval", type=_positive(float), default=10.0, metavar="SECONDS",
+                   help="how often the number of suppressed event lines is logged (default 10)")
+    e.add_argument("--max-port-labels", type=int, default=64, metavar="N",
+                   help="listening ports that get their own label; later ones are port=\"other\" (default 64)")
+    e.add_argument("--max-series", type=int, default=2000, metavar="N",
+                   help="series per exporter beyond which label sets fold into \"other\" (default 2000)")
+    e.add_argument("--netns-label", action="store_true",
+                   help="add a netns label (the namespace inode) to the reset and overflow counters")
+    e.add_argument("--overflow-interval", type=_positive(float), default=1.0, metavar="SECONDS",
+                   help="how often counter-derived overflows are checked (default 1)")
+    e.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N", help="ring buffer pages")
 
     r = sub.add_parser("reasons", help="the running kernel's reason table, explained")
     r.add_argument("--json", action="store_true", help="as a JSON array")
@@ -306,7 +330,75 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if doctor.ok(checks) else 1
 
 
-COMMANDS = {"trace": cmd_trace, "summary": cmd_summary, "reasons": cmd_reasons, "doctor": cmd_doctor}
+def cmd_export(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from .exporter import LogLimiter, SeriesCap, SessionCollector, parse_listen, serve
+
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.log_rate < 0 or args.max_port_labels < 0 or args.max_series < 1:
+        raise UsageError("--log-rate and --max-port-labels take 0 or more, --max-series 1 or more")
+    facts = prepare()
+    logger = log.get()
+    limiter = LogLimiter(args.log_rate)
+
+    def sink(ev: Event) -> None:
+        if limiter.allow():
+            logger.info("tcp_reset_event", **ev.to_dict())
+
+    # With no event log there is nothing to deliver: counters only, nothing crosses to user space.
+    options = TraceOptions(events=args.log_rate > 0, ring_pages=args.ring_pages)
+    session = Session(facts, options, sink=sink, overflow_interval=args.overflow_interval)
+    stopper = Stopper()
+    session.start()
+    httpd = None
+    try:
+        _log_attach(session)
+        registry = CollectorRegistry()
+        netns_labels = (lambda ns: {"netns": str(ns) if ns else ""}) if args.netns_label else None
+        registry.register(SessionCollector(session, SeriesCap(args.max_port_labels, args.max_series),
+                                           netns_labels=netns_labels,
+                                           extra_label_names=("netns",) if args.netns_label else ()))
+
+        def healthy() -> bool:
+            attached = any(a.attached for a in session.tracer.attachments)
+            return attached and time.monotonic() - session.last_loop < 5.0
+
+        try:
+            httpd = serve(registry, host, port, healthy)
+        except OSError as e:
+            raise UsageError("cannot listen on %s: %s" % (args.listen, e.strerror or e)) from e
+        logger.info("serving", listen=args.listen, metrics="/metrics", health="/healthz")
+        next_report = time.monotonic() + args.log_interval
+
+        def report() -> None:
+            nonlocal next_report
+            if time.monotonic() < next_report:
+                return
+            next_report += args.log_interval
+            n = limiter.take_suppressed()
+            lost = session.lost()
+            if n or lost["lost_kernel"] or lost["lost_user"]:
+                logger.info("event lines suppressed", suppressed=n, suppressed_total=limiter.suppressed_total,
+                            lost_kernel=lost["lost_kernel"], lost_user=lost["lost_user"])
+
+        session.run(stopper.event, after_poll=report)
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        lost = session.lost()
+        session.close()
+        logger.info("stopped", lost_kernel=lost["lost_kernel"], lost_user=lost["lost_user"],
+                    suppressed_total=limiter.suppressed_total)
+    return 0
+
+
+COMMANDS = {"trace": cmd_trace, "summary": cmd_summary, "reasons": cmd_reasons, "doctor": cmd_doctor,
+            "export": cmd_export}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

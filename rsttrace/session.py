@@ -54,6 +54,7 @@ class Session:
         if poll_overflows:
             self.poller = OverflowPoller(facts.tcp_listen, self._traced_ack, only_netns=options.netns, clock=self.clock)
         self.delivered = 0
+        self.last_loop = time.monotonic()
         self._lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -76,7 +77,7 @@ class Session:
         deadline = time.monotonic() + duration if duration else None
         next_poll = time.monotonic() + self.overflow_interval
         while not stop.is_set():
-            now = time.monotonic()
+            now = self.last_loop = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
             timeout = min(0.1, max(0.0, next_poll - now))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -50,6 +51,8 @@ class Tracer:
     bcc_version: str = ""
     _bcc: Optional[ModuleType] = None
     _callback: Optional[Callable[[c.RawEvent], None]] = None
+    # Scrapes read the maps from HTTP threads while the main thread may be closing them.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def extra_macros(self) -> Dict[str, str]:
         m: Dict[str, str] = {"RSTTRACE_RINGBUF_PAGES": str(self.options.ring_pages),
@@ -151,6 +154,10 @@ class Tracer:
     def counters(self) -> Dict[CounterTuple, int]:
         """Exact in-kernel counts, summed over CPUs. Spilled counts (map full) appear with
         netns 0 and reason None."""
+        with self._lock:
+            return self._counters()
+
+    def _counters(self) -> Dict[CounterTuple, int]:
         out: Dict[CounterTuple, int] = {}
         if self.bpf is None:
             return out
@@ -170,6 +177,10 @@ class Tracer:
 
     def stats(self) -> Dict[str, int]:
         s = {"events": 0, "lost_kernel": 0, "counter_map_full": 0, "lost_user": self.user_lost}
+        with self._lock:
+            return self._stats(s)
+
+    def _stats(self, s: Dict[str, int]) -> Dict[str, int]:
         if self.bpf is None:
             return s
         names = {c.STAT_EVENTS: "events", c.STAT_RINGBUF_FULL: "lost_kernel", c.STAT_COUNTER_FULL: "counter_map_full"}
@@ -181,11 +192,12 @@ class Tracer:
 
     def close(self) -> None:
         """Detach and unload everything (bcc's cleanup closes every program and map fd)."""
-        if self.bpf is not None:
-            try:
-                self.bpf.cleanup()
-            finally:
-                self.bpf = None
+        with self._lock:
+            if self.bpf is not None:
+                try:
+                    self.bpf.cleanup()
+                finally:
+                    self.bpf = None
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,256 @@
+"""``rsttrace export``: Prometheus metrics read from the BPF maps at scrape time.
+
+A custom collector (prometheus client_python's "custom collectors"; ebpf_exporter's Collect)
+turns the session's exact counts into samples on each scrape. Nothing is mirrored into Python
+``Counter`` objects: the BPF maps are the only state, so a scrape shows exactly what the kernel
+counted, and a storm costs Python nothing until someone scrapes.
+
+Cardinality is bounded by construction: addresses and peer ports are never labels (they go to
+the logs), listening ports are capped (``--max-port-labels``: the first N ports seen keep their
+label for the process's life, later ones become ``port="other"``, so no series ever moves between
+labels and no counter jumps), and a global cap (``--max-series``) folds any further label set
+into an ``other`` bucket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import platform
+import socket
+import threading
+import time
+from socketserver import ThreadingMixIn
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from . import __version__, procnet
+from .session import CountKey
+
+DEFAULT_PORT = 10793  # outside Prometheus' default port allocations (9100-9999 is full); RFC 793 defined RST
+
+# rsttrace_kernel_tcp_<name>_total <- (section, counter) of /proc/net/snmp or /proc/net/netstat
+KERNEL_COUNTERS: Tuple[Tuple[str, str, str, str], ...] = (
+    ("out_rsts", "Tcp", "OutRsts", "Segments sent with RST (Tcp OutRsts)"),
+    ("estab_resets", "Tcp", "EstabResets", "Resets of established or close-wait connections (Tcp EstabResets)"),
+    ("listen_overflows", "TcpExt", "ListenOverflows", "Accept queue overflows (TcpExt ListenOverflows)"),
+    ("listen_drops", "TcpExt", "ListenDrops", "SYNs and ACKs dropped by listeners (TcpExt ListenDrops)"),
+    ("abort_on_data", "TcpExt", "TCPAbortOnData", "Resets for data after close or SO_LINGER 0 (TCPAbortOnData)"),
+    ("abort_on_close", "TcpExt", "TCPAbortOnClose", "Resets on close with unread data (TCPAbortOnClose)"),
+    ("abort_on_memory", "TcpExt", "TCPAbortOnMemory", "Resets for lack of memory (TCPAbortOnMemory)"),
+    ("abort_on_timeout", "TcpExt", "TCPAbortOnTimeout", "Connections killed by timeouts (TCPAbortOnTimeout)"),
+    ("abort_on_linger", "TcpExt", "TCPAbortOnLinger", "Resets for TCP_LINGER2 (TCPAbortOnLinger)"),
+    ("req_q_full_drop", "TcpExt", "TCPReqQFullDrop", "SYNs dropped: SYN queue full (TCPReqQFullDrop)"),
+    ("req_q_full_do_cookies", "TcpExt", "TCPReqQFullDoCookies",
+     "SYN cookies sent: SYN queue full (TCPReqQFullDoCookies)"),
+)
+
+OVERFLOW_KIND = {"listen_overflow_syn": "syn", "listen_overflow_ack": "ack", "syn_queue_overflow": "syn_queue"}
+
+# The seam for per-namespace/pod labels (Kubernetes issue): given a netns inode, extra labels.
+NetnsLabeler = Callable[[Optional[int]], Dict[str, str]]
+
+
+class SeriesCap:
+    """Sticky label budgets: what got a label keeps it; beyond the budget, ``other``."""
+
+    def __init__(self, max_ports: int, max_series: int) -> None:
+        self.max_ports = max_ports
+        self.max_series = max_series
+        self.ports: Set[int] = set()
+        self.series: Dict[str, Set[Tuple[str, ...]]] = {}
+        self.lock = threading.Lock()
+
+    def port(self, port: Optional[int]) -> str:
+        if port is None:
+            return "unknown"
+        with self.lock:
+            if port in self.ports:
+                return str(port)
+            if len(self.ports) < self.max_ports:
+                self.ports.add(port)
+                return str(port)
+        return "other"
+
+    def labels(self, metric: str, values: Tuple[str, ...]) -> Tuple[str, ...]:
+        with self.lock:
+            seen = self.series.setdefault(metric, set())
+            if values in seen:
+                return values
+            if sum(len(s) for s in self.series.values()) < self.max_series:
+                seen.add(values)
+                return values
+        return tuple("other" for _ in values)
+
+
+class SessionCollector:
+    """Samples from a running session (or anything with its ``counts``/``lost``/attachments)."""
+
+    def __init__(
+        self,
+        session: Any,
+        cap: SeriesCap,
+        proc_net: str = "/proc/net",
+        netns_labels: Optional[NetnsLabeler] = None,
+        extra_label_names: Tuple[str, ...] = (),
+        kernel_release: Optional[str] = None,
+    ) -> None:
+        self.session = session
+        self.cap = cap
+        self.proc_net = proc_net
+        self.netns_labels = netns_labels
+        self.extra = extra_label_names
+        self.kernel = kernel_release or platform.release()
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families depend on what was counted; no duplicate-name check needed
+
+    def _extra(self, netns: Optional[int]) -> Tuple[str, ...]:
+        if not self.extra or self.netns_labels is None:
+            return ()
+        labels = self.netns_labels(netns)
+        return tuple(labels.get(n, "") for n in self.extra)
+
+    def collect(self) -> Iterator[Metric]:
+        counts: Dict[CountKey, int] = self.session.counts()
+        sent = CounterMetricFamily("rsttrace_tcp_resets_sent", "TCP resets sent by the kernel, by its reason",
+                                   labels=["reason", "reason_source", "state", "family", *self.extra])
+        recv = CounterMetricFamily("rsttrace_tcp_resets_received", "TCP resets accepted by a socket, by its state",
+                                   labels=["state", "family", *self.extra])
+        ovf = CounterMetricFamily("rsttrace_tcp_listen_overflows",
+                                  "Listen-queue overflows: syn/ack (accept queue full), syn_queue (SYN queue full)",
+                                  labels=["kind", "port", *self.extra])
+        acc: Dict[Tuple[str, Tuple[str, ...]], int] = {}
+        for k, n in counts.items():
+            extra = self._extra(k.netns)
+            if k.kind == "sent":
+                name = "sent"
+                values: Tuple[str, ...] = (k.reason or "", k.reason_source or "", k.state or "", k.family or "")
+            elif k.kind == "received":
+                name = "received"
+                values = (k.state or "", k.family or "")
+            elif k.kind in OVERFLOW_KIND:
+                name = "overflow"
+                values = (OVERFLOW_KIND[k.kind], self.cap.port(k.port))
+            else:
+                continue
+            values = self.cap.labels(name, values + extra)
+            acc[(name, values)] = acc.get((name, values), 0) + n
+        families = {"sent": sent, "received": recv, "overflow": ovf}
+        for (name, values), n in sorted(acc.items()):
+            families[name].add_metric(list(values), n)
+        yield sent
+        yield recv
+        yield ovf
+
+        lost = self.session.lost()
+        lm = CounterMetricFamily("rsttrace_events_lost", "Events lost: kernel (ring buffer full), user (perf lost)",
+                                 labels=["stage"])
+        lm.add_metric(["kernel"], lost.get("lost_kernel", 0))
+        lm.add_metric(["user"], lost.get("lost_user", 0))
+        yield lm
+        full = CounterMetricFamily("rsttrace_map_spilled", "Counts that found the BPF map full: kept in a "
+                                   "per-kind spill slot and exported with empty reason/state labels")
+        full.add_metric([], lost.get("counter_map_full", 0))
+        yield full
+
+        att = GaugeMetricFamily("rsttrace_program_attached", "1 if the BPF program is attached", labels=["program"])
+        for a in self.session.tracer.attachments:
+            att.add_metric([a.program], 1 if a.attached else 0)
+        yield att
+        info = GaugeMetricFamily("rsttrace_build_info", "rsttrace version and the kernel it runs on",
+                                 labels=["version", "kernel"])
+        info.add_metric([__version__, self.kernel], 1)
+        yield info
+
+        kc = procnet.read(self.proc_net)
+        for short, section, name, doc in KERNEL_COUNTERS:
+            if name in kc.get(section, {}):
+                m = CounterMetricFamily("rsttrace_kernel_tcp_" + short, doc + ", host network namespace")
+                m.add_metric([], kc[section][name])
+                yield m
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's signature
+        pass  # access logs would flood the event log pipeline
+
+
+def parse_listen(value: str) -> Tuple[str, int]:
+    """host:port, [v6]:port, or :port (all IPv4 addresses). Raises ValueError with the rule."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ValueError("--listen takes HOST:PORT, e.g. 127.0.0.1:%d or [::1]:%d" % (DEFAULT_PORT, DEFAULT_PORT))
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError("brackets are for IPv6 addresses: %r" % value)
+    elif ":" in host:
+        raise ValueError("put IPv6 addresses in brackets: [%s]:%s" % (host, port))
+    host = host or "0.0.0.0"
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError("bad port in --listen %r" % value) from None
+    if not 0 < p < 65536:
+        raise ValueError("bad port in --listen %r" % value)
+    return host, p
+
+
+def serve(registry: CollectorRegistry, host: str, port: int, healthy: Callable[[], bool]) -> _Server:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            ok = healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not tracing\n"]
+        if path in ("/metrics", "/"):
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"see /metrics and /healthz\n"]
+
+    server_cls = _Server
+    if ":" in host:
+        server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    httpd = make_server(host, port, app, server_class=server_cls, handler_class=_QuietHandler)
+    t = threading.Thread(target=httpd.serve_forever, name="rsttrace-http", daemon=True)
+    t.start()
+    return httpd  # type: ignore[return-value]
+
+
+class LogLimiter:
+    """At most ``rate`` event lines a second; the rest are counted and reported each interval."""
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.tokens = float(rate)
+        self.last = clock()
+        self.suppressed = 0
+        self.suppressed_total = 0
+
+    def allow(self) -> bool:
+        if self.rate <= 0:
+            return False
+        now = self.clock()
+        self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.suppressed += 1
+        self.suppressed_total += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n

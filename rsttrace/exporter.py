@@ -178,6 +178,10 @@ class _Server(ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's signature
         pass  # access logs would flood the event log pipeline
@@ -218,9 +222,7 @@ def serve(registry: CollectorRegistry, host: str, port: int, healthy: Callable[[
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"see /metrics and /healthz\n"]
 
-    server_cls = _Server
-    if ":" in host:
-        server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    server_cls = _Server6 if ":" in host else _Server
     httpd = make_server(host, port, app, server_class=server_cls, handler_class=_QuietHandler)
     t = threading.Thread(target=httpd.serve_forever, name="rsttrace-http", daemon=True)
     t.start()

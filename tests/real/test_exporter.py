@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -236,7 +235,8 @@ def test_real_prometheus_sees_the_resets(exporter: Exporter, ns: Netns) -> None:
             with ns.inside():
                 connect_refused(socket.AF_INET, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1"), n)
             made += delta(before, ns.counters(), "Tcp", "OutRsts")
-            assert wait_for(lambda: prom.value(sel) == float(made), timeout=30), (prom.value(sel), made)
+            want = float(made)
+            assert wait_for(lambda: prom.value(sel) == want, timeout=30), (prom.value(sel), want)  # noqa: B023
             time.sleep(2)
         rise = prom.value("increase(%s[1m])" % sel)
         assert rise is not None and rise > 0

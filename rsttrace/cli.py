@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import time
 from types import FrameType
-from typing import Any, Callable, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__, doctor, log, output
+from .attribution import event_attributor, metric_labeler
+from .enrich import Enricher
 from .events import Event
 from .exporter import DEFAULT_PORT
 from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports, parse_reasons
@@ -77,6 +80,31 @@ def _common_filters(p: argparse.ArgumentParser) -> None:
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
 
 
+def _attribution_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pod attribution (events gain namespace, pod, container, container_id)")
+    g.add_argument("--no-attribution", action="store_true", help="do not look up pods")
+    g.add_argument("--proc-root", default="/proc", metavar="DIR",
+                   help="the host's /proc (in a container: where it is mounted; default /proc)")
+    g.add_argument("--pods-dir", default="/var/log/pods", metavar="DIR",
+                   help="kubelet's pod log directory: names pods without API access (default /var/log/pods)")
+    g.add_argument("--containers-dir", default="/var/log/containers", metavar="DIR",
+                   help="kubelet's container log links: names containers (default /var/log/containers)")
+    g.add_argument("--cgroup-root", default="/sys/fs/cgroup", metavar="DIR",
+                   help="cgroup mount; v2 is found there or under unified/ (default /sys/fs/cgroup)")
+
+
+def _enricher(args: argparse.Namespace) -> Optional[Enricher]:
+    if args.no_attribution:
+        return None
+    for flag, path in (("--proc-root", args.proc_root),):
+        if not os.path.isdir(path):
+            raise UsageError("%s %s: no such directory" % (flag, path))
+    e = Enricher(proc_root=args.proc_root, cgroup_root=args.cgroup_root, pods_dir=args.pods_dir,
+                 containers_dir=args.containers_dir)
+    e.start()
+    return e
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rsttrace",
@@ -105,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N",
                    help="ring buffer size in pages (power of 2, default 64)")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    _attribution_args(t)
 
     s = sub.add_parser("summary", help="counts by kind/reason/state every interval",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -135,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overflow-interval", type=_positive(float), default=1.0, metavar="SECONDS",
                    help="how often counter-derived overflows are checked (default 1)")
     e.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N", help="ring buffer pages")
+    e.add_argument("--metric-pod-labels", action="store_true",
+                   help="add namespace and pod labels to the reset and overflow counters (capped by --max-series)")
+    _attribution_args(e)
 
     r = sub.add_parser("reasons", help="the running kernel's reason table, explained")
     r.add_argument("--json", action="store_true", help="as a JSON array")
@@ -212,6 +244,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.ebpf:
         out.write(session.tracer.source())
         return 0
+    enricher = _enricher(args)
+    if enricher is not None:
+        session.attribute = event_attributor(enricher)
     stopper = Stopper()
     session.start()
     try:
@@ -223,6 +258,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     finally:
         lost = session.lost()
         session.close()
+        if enricher is not None:
+            enricher.stop()
         logger.info("stopped", delivered=session.delivered, lost_kernel=lost["lost_kernel"],
                     lost_user=lost["lost_user"], counter_map_full=lost["counter_map_full"])
     return 0
@@ -351,17 +388,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     # With no event log there is nothing to deliver: counters only, nothing crosses to user space.
     options = TraceOptions(events=args.log_rate > 0, ring_pages=args.ring_pages)
+    if args.metric_pod_labels and args.no_attribution:
+        raise UsageError("--metric-pod-labels needs attribution: drop --no-attribution")
+    if args.metric_pod_labels and args.netns_label:
+        raise UsageError("choose one of --metric-pod-labels and --netns-label")
     session = Session(facts, options, sink=sink, overflow_interval=args.overflow_interval)
+    enricher = _enricher(args)
+    if enricher is not None:
+        session.attribute = event_attributor(enricher)
     stopper = Stopper()
     session.start()
     httpd = None
     try:
         _log_attach(session)
         registry = CollectorRegistry()
-        netns_labels = (lambda ns: {"netns": str(ns) if ns else ""}) if args.netns_label else None
+        netns_labels: Optional[Callable[[Optional[int]], Dict[str, str]]] = None
+        extra: Tuple[str, ...] = ()
+        if args.netns_label:
+            netns_labels, extra = (lambda ns: {"netns": str(ns) if ns else ""}), ("netns",)
+        elif args.metric_pod_labels and enricher is not None:
+            netns_labels, extra = metric_labeler(enricher), ("namespace", "pod")
         registry.register(SessionCollector(session, SeriesCap(args.max_port_labels, args.max_series),
-                                           netns_labels=netns_labels,
-                                           extra_label_names=("netns",) if args.netns_label else ()))
+                                           netns_labels=netns_labels, extra_label_names=extra))
 
         def healthy() -> bool:
             attached = any(a.attached for a in session.tracer.attachments)
@@ -392,6 +440,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             httpd.server_close()
         lost = session.lost()
         session.close()
+        if enricher is not None:
+            enricher.stop()
         logger.info("stopped", lost_kernel=lost["lost_kernel"], lost_user=lost["lost_user"],
                     suppressed_total=limiter.suppressed_total)
     return 0

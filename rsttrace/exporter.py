@@ -103,6 +103,15 @@ class SessionCollector:
         self.netns_labels = netns_labels
         self.extra = extra_label_names
         self.kernel = kernel_release or platform.release()
+        # Extra (pod) labels of a counter can change while its BPF count keeps growing: a pod's
+        # entry expires, or the kernel gives a dead namespace's inode to a new pod. Series must
+        # stay monotonic, so an unknown answer keeps the labels a counter had, and a move to
+        # other labels retires what was counted so far under the old ones and starts the new
+        # series from there.
+        self._assigned: Dict[CountKey, Tuple[Tuple[str, ...], int]] = {}
+        self._last: Dict[CountKey, int] = {}
+        self._retired: Dict[Tuple[str, Tuple[str, ...]], int] = {}
+        self._collect_lock = threading.Lock()
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on what was counted; no duplicate-name check needed
@@ -113,7 +122,29 @@ class SessionCollector:
         labels = self.netns_labels(netns)
         return tuple(labels.get(n, "") for n in self.extra)
 
+    def _rebased(self, k: CountKey, n: int, name: str, values: Tuple[str, ...]) -> Tuple[Tuple[str, ...], int]:
+        """(extra labels, count under them) for counter ``k`` now at ``n``."""
+        extra = self._extra(k.netns)
+        prev = self._assigned.get(k)
+        if prev is None:
+            self._assigned[k] = (extra, 0)
+            prev = (extra, 0)
+        elif prev[0] != extra:
+            if not any(extra):
+                extra = prev[0]  # unknown now (pod gone, cache expired): keep the labels it had
+            else:
+                old = self.cap.labels(name, values + prev[0])
+                self._retired[(name, old)] = self._retired.get((name, old), 0) + self._last.get(k, 0) - prev[1]
+                self._assigned[k] = (extra, self._last.get(k, 0))
+                prev = self._assigned[k]
+        self._last[k] = n
+        return extra, n - prev[1]
+
     def collect(self) -> Iterator[Metric]:
+        with self._collect_lock:  # the rebasing state is shared by concurrent scrapes
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[Metric]:
         counts: Dict[CountKey, int] = self.session.counts()
         sent = CounterMetricFamily("rsttrace_tcp_resets_sent", "TCP resets sent by the kernel, by its reason",
                                    labels=["reason", "reason_source", "state", "family", *self.extra])
@@ -122,9 +153,8 @@ class SessionCollector:
         ovf = CounterMetricFamily("rsttrace_tcp_listen_overflows",
                                   "Listen-queue overflows: syn/ack (accept queue full), syn_queue (SYN queue full)",
                                   labels=["kind", "port", *self.extra])
-        acc: Dict[Tuple[str, Tuple[str, ...]], int] = {}
+        acc: Dict[Tuple[str, Tuple[str, ...]], int] = dict(self._retired)
         for k, n in counts.items():
-            extra = self._extra(k.netns)
             if k.kind == "sent":
                 name = "sent"
                 values: Tuple[str, ...] = (k.reason or "", k.reason_source or "", k.state or "", k.family or "")
@@ -136,6 +166,7 @@ class SessionCollector:
                 values = (OVERFLOW_KIND[k.kind], self.cap.port(k.port))
             else:
                 continue
+            extra, n = self._rebased(k, n, name, values) if self.extra else ((), n)
             values = self.cap.labels(name, values + extra)
             acc[(name, values)] = acc.get((name, values), 0) + n
         families = {"sent": sent, "received": recv, "overflow": ovf}

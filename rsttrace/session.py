@@ -42,11 +42,13 @@ class Session:
         event_filter: Optional[EventFilter] = None,
         overflow_interval: float = 1.0,
         poll_overflows: bool = True,
+        attribute: Optional[Callable[[Event], None]] = None,
     ) -> None:
         self.facts = facts
         self.options = options
         self.sink = sink
         self.filter = event_filter or EventFilter()
+        self.attribute = attribute
         self.clock = Clock()
         self.tracer = Tracer(facts, options)
         self.overflow_interval = overflow_interval
@@ -100,6 +102,8 @@ class Session:
         if not self.filter.match(ev):
             return
         self.delivered += 1
+        if self.attribute is not None:
+            self.attribute(ev)
         if self.sink is not None:
             self.sink(ev)
 

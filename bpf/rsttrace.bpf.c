@@ -75,13 +75,17 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 #endif
 #ifdef RSTTRACE_RINGBUF
 	if (events.ringbuf_output(e, sizeof(*e), 0) != 0) {
-		stat_inc(RSTTRACE_STAT_RINGBUF_FULL);
+		stat_inc(RSTTRACE_STAT_BUFFER_FULL);
 		return;
 	}
 #else
-	/* A full perf buffer is reported to user space by the lost callback; counting it here
-	 * too would count each loss twice. */
-	events.perf_submit(ctx, e, sizeof(*e));
+	/* Counted here rather than from the perf lost callback: the kernel reports a loss to the
+	 * reader only with the next record that fits (kernel/events/ring_buffer.c, rb->lost), so
+	 * after a storm the last losses would stay unreported until traffic resumed. */
+	if (events.perf_submit(ctx, e, sizeof(*e)) != 0) {
+		stat_inc(RSTTRACE_STAT_BUFFER_FULL);
+		return;
+	}
 #endif
 	stat_inc(RSTTRACE_STAT_EVENTS);
 }

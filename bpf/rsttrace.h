@@ -77,7 +77,7 @@ struct rsttrace_counter_key {
 /* Slots of the per-CPU "stats" array. */
 enum rsttrace_stat {
 	RSTTRACE_STAT_EVENTS = 0,        /* events handed to the ring/perf buffer */
-	RSTTRACE_STAT_RINGBUF_FULL = 1,  /* events lost: ring buffer reserve failed */
+	RSTTRACE_STAT_BUFFER_FULL = 1,   /* events lost: ring or perf buffer full */
 	RSTTRACE_STAT_COUNTER_FULL = 2,  /* counter map full: counted in "counters_spill" by kind */
 	RSTTRACE_STAT_MAX = 3,
 };

@@ -275,7 +275,7 @@ def _log_attach(session: Session) -> None:
     for hook in session.facts.hooks():
         if hook.source.startswith("kernel counters"):
             logger.info("counter-derived", kind=hook.kind, source=hook.source, detail=hook.detail)
-    logger.info("ready", ringbuf=session.facts.ringbuf, headers=session.tracer.headers,
+    logger.info("ready", buffer="ring" if session.tracer.ringbuf else "perf", headers=session.tracer.headers,
                 bcc=session.tracer.bcc_version)
 
 

@@ -48,12 +48,16 @@ def tp_struct(struct_name: str, fmt: EventFormat) -> str:
     return "\n".join(lines)
 
 
-def prelude(facts: KernelFacts, extra: Optional[Dict[str, str]] = None) -> str:
-    macros = facts.macros()
+def prelude(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None) -> str:
+    """``extra`` adds or overrides macros; a None value removes one."""
+    macros: Dict[str, str] = facts.macros()
     macros.setdefault("RSTTRACE_RINGBUF_PAGES", "64")
     macros.setdefault("RSTTRACE_COUNTER_ENTRIES", "16384")
-    if extra:
-        macros.update(extra)
+    for name, value in (extra or {}).items():
+        if value is None:
+            macros.pop(name, None)
+        else:
+            macros[name] = value
     out: List[str] = ["/* rsttrace prelude for kernel %s: generated at start, do not edit */" % facts.release]
     for name in sorted(macros):
         out.append("#define %s %s" % (name, macros[name]))
@@ -68,7 +72,7 @@ def prelude(facts: KernelFacts, extra: Optional[Dict[str, str]] = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def program(facts: KernelFacts, extra: Optional[Dict[str, str]] = None) -> str:
+def program(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None) -> str:
     """The full C text handed to bcc (also what ``rsttrace trace --ebpf`` prints)."""
     with open(os.path.join(BPF_DIR, "rsttrace.h")) as f:
         header = f.read()

@@ -177,7 +177,8 @@ class SessionCollector:
         yield ovf
 
         lost = self.session.lost()
-        lm = CounterMetricFamily("rsttrace_events_lost", "Events lost: kernel (ring buffer full), user (perf lost)",
+        lm = CounterMetricFamily("rsttrace_events_lost", "Events not delivered: kernel (ring/perf buffer full), "
+                                 "user (dropped in user space)",
                                  labels=["stage"])
         lm.add_metric(["kernel"], lost.get("lost_kernel", 0))
         lm.add_metric(["user"], lost.get("lost_user", 0))

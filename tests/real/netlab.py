@@ -65,10 +65,13 @@ def closed_port(family: int, addr: str) -> int:
 
 def connect_refused(family: int, addr: str, port: int, n: int) -> List[int]:
     """n connects to a closed port; returns the client ports used."""
-    ports = []
-    for _ in range(n):
+    ports: List[int] = []
+    while len(ports) < n:
         s = socket.socket(family, socket.SOCK_STREAM)
         s.bind((addr, 0))
+        if s.getsockname()[1] == port:
+            s.close()  # an ephemeral port equal to the target would connect to itself
+            continue
         ports.append(s.getsockname()[1])
         try:
             s.connect((addr, port))

@@ -14,7 +14,7 @@ import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 CLONE_NEWNET = 0x40000000
 RUN_NETNS = "/run/netns"
@@ -110,6 +110,72 @@ def discover(proc_root: str = "/proc", run_netns: str = RUN_NETNS) -> Dict[int, 
         if ino not in found:
             found[ino] = NetnsRef(ino, ns_path, None)
     return found
+
+
+def read_each(refs: Dict[int, NetnsRef], read: Callable[[str], T]) -> Dict[int, T]:
+    """``read(net_dir)`` for each namespace; a namespace that vanished is left out.
+
+    Each namespace is pinned by an fd opened on its ns file and entered with setns(2) from one
+    worker thread, reading ``/proc/thread-self/net``. Reading ``/proc/<pid>/net`` instead would
+    follow whatever namespace that process's main thread is in *now*: a process that setns()
+    between our discovery and our read (a test harness, `ip netns exec`, a CNI plugin) would
+    hand us another namespace's counters under this one's inode. Without CAP_SYS_ADMIN (no
+    setns), ``/proc/<pid>/net`` is read and kept only if the pid's namespace was the same
+    before and after the read.
+    """
+    pinned: List[Tuple[int, int, NetnsRef]] = []
+    for ino, ref in refs.items():
+        try:
+            fd = os.open(ref.ns_path, os.O_RDONLY)
+        except OSError:
+            continue
+        if os.fstat(fd).st_ino != ino:  # moved on since discovery
+            os.close(fd)
+            continue
+        pinned.append((ino, fd, ref))
+    out: Dict[int, T] = {}
+    fallback: List[Tuple[int, NetnsRef]] = []
+
+    def worker() -> None:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            for ino, fd, ref in pinned:
+                try:
+                    _setns(fd)
+                except OSError:
+                    fallback.append((ino, ref))  # EPERM (no CAP_SYS_ADMIN), or not an ns file
+                    continue
+                try:
+                    out[ino] = read("/proc/thread-self/net")
+                except OSError:
+                    pass
+            _setns(own)
+        except OSError:
+            pass
+        finally:
+            os.close(own)
+
+    try:
+        t = threading.Thread(target=worker, name="rsttrace-netns-read")
+        t.start()
+        t.join()
+    finally:
+        for _ino, fd, _ref in pinned:
+            os.close(fd)
+    for ino, ref in fallback:
+        if ref.net_dir is None:
+            continue
+        ns_file = os.path.join(os.path.dirname(ref.net_dir), "ns", "net")
+        try:
+            if os.stat(ns_file).st_ino != ino:
+                continue
+            value = read(ref.net_dir)
+            if os.stat(ns_file).st_ino != ino:
+                continue
+        except OSError:
+            continue
+        out[ino] = value
+    return out
 
 
 # --- sock_diag: listening sockets and their accept queues (what `ss -lt` shows) ----------

@@ -71,15 +71,9 @@ class OverflowPoller:
         self.totals = OverflowTotals()
         self.errors: List[str] = []
 
-    def _read(self, ref: nsmod.NetnsRef) -> Optional[Dict[str, int]]:
-        try:
-            if ref.net_dir is not None:
-                counters = procnet.read(ref.net_dir)
-            else:
-                counters = nsmod.run_in(ref.ns_path, lambda: procnet.read("/proc/thread-self/net"))
-        except OSError:
-            return None  # the namespace went away between discovery and read
-        ext = counters.get("TcpExt", {})
+    @staticmethod
+    def _watched(net_dir: str) -> Dict[str, int]:
+        ext = procnet.read(net_dir).get("TcpExt", {})
         return {name: ext.get(name, 0) for name in WATCHED}
 
     def _listeners(self, ref: nsmod.NetnsRef) -> List[nsmod.Listener]:
@@ -98,13 +92,12 @@ class OverflowPoller:
         refs = nsmod.discover(self.proc_root, self.run_netns)
         if self.only_netns is not None:
             refs = {k: v for k, v in refs.items() if k == self.only_netns}
-        acks = self.traced_ack()
+        acks = self.traced_ack()  # before the counters: see the race note on self.base
+        readings = nsmod.read_each(refs, self._watched)
         out: List[Event] = []
         now = time.monotonic_ns()
-        for ino, ref in refs.items():
-            cur = self._read(ref)
-            if cur is None:
-                continue
+        for ino, cur in readings.items():
+            ref = refs[ino]
             ack_now = (acks or {}).get(ino, 0)
             last = self.last.get(ino)
             self.last[ino] = cur
@@ -143,7 +136,7 @@ class OverflowPoller:
                 if n > 0:
                     self.emitted[(ino, name)] = self.emitted.get((ino, name), 0) + n
         for ino in list(self.base):
-            if ino not in refs:  # the namespace is gone
+            if ino not in refs:  # the namespace is gone (a failed read alone proves nothing)
                 self._forget(ino)
                 self.last.pop(ino, None)
         self.polled = True

@@ -289,5 +289,5 @@ def test_syn_queue_overflow(tracing: Any, ns: Netns, syncookies: int, counter: s
     assert expected >= 1
     tracing.poll_overflows()
     got = [e for e in evs(tracing, ns, start, "syn_queue_overflow") if e["reason"] == counter]
-    assert sum(e["count"] for e in got) == expected
+    assert sum(e["count"] for e in got) == expected, (got, before, after)
     assert all(e["source"] == "counters" for e in got)

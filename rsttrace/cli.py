@@ -267,6 +267,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def _log_attach(session: Session) -> None:
     logger = log.get()
+    for m in session.tracer.mounted:
+        logger.info("mounted", what=m, why="this bcc looks up tracepoints under debugfs")
     for a in session.tracer.attachments:
         if a.attached:
             logger.info("attached", program=a.program, hook=a.hook)

@@ -14,6 +14,7 @@ from . import codegen
 from . import contract as c
 from .bccload import BccMissing, bcc_version, import_bcc, kernel_headers
 from .kernel import KernelFacts
+from .tracefs import ensure_tracefs
 
 # (kind, reason raw or None, state raw, family raw, netns, port, flags) -> count
 CounterTuple = Tuple[int, Optional[int], int, int, int, int, int]
@@ -53,6 +54,7 @@ class Tracer:
     headers: str = ""
     bcc_version: str = ""
     ringbuf: bool = False  # decided at start: kernel support, bcc support, options
+    mounted: List[str] = field(default_factory=list)  # what start() had to mount
     _bcc: Optional[ModuleType] = None
     _callback: Optional[Callable[[c.RawEvent], None]] = None
     # Scrapes read the maps from HTTP threads while the main thread may be closing them.
@@ -115,7 +117,7 @@ class Tracer:
                     self.attachments.append(Attachment(fn, tp, False, "not available on this kernel"))
                     continue
                 try:
-                    self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+                    self._attach(tp, fn)
                     self.attachments.append(Attachment(fn, tp, True))
                 except Exception as e:
                     self.attachments.append(Attachment(fn, tp, False, _first_line(e)))
@@ -130,6 +132,18 @@ class Tracer:
         except BaseException:
             self.close()
             raise
+
+    def _attach(self, tp: str, fn: str) -> None:
+        try:
+            self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+        except Exception:
+            # bcc before ~0.19 finds tracepoint ids only under /sys/kernel/debug/tracing (seen
+            # with Debian 11's 0.18): mount debugfs once, as that bcc expects, and retry.
+            _path, mounted = ensure_tracefs(mount_debugfs=True)
+            if not mounted:
+                raise
+            self.mounted.extend(mounted)
+            self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
 
     def _open_buffer(self) -> None:
         cb = self._callback

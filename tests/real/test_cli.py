@@ -27,10 +27,24 @@ def rsttrace(*args: str) -> List[str]:
     return [sys.executable, "-m", "rsttrace", *args]
 
 
-def our_prog_ids() -> Set[int]:
-    """IDs of loaded BPF programs named like ours (bpftool truncates names to 15 chars)."""
+def prog_ids_of(pid: int) -> Set[int]:
+    """BPF programs a process holds: its fds' fdinfo name them (prog_id:), whoever else traces."""
+    ids: Set[int] = set()
+    fd_dir = "/proc/%d/fdinfo" % pid
+    for fd in os.listdir(fd_dir):
+        try:
+            with open(os.path.join(fd_dir, fd)) as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
+def loaded_prog_ids() -> Set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True, text=True).stdout
-    return {p["id"] for p in json.loads(out) if str(p.get("name", "")).startswith("rsttrace_")}
+    return {int(p["id"]) for p in json.loads(out)}
 
 
 def wait_ready(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
@@ -55,7 +69,6 @@ def ns() -> Any:
 
 
 def test_trace_json_contract_and_counts(ns: Netns) -> None:
-    before_ids = our_prog_ids()
     proc = subprocess.Popen(
         rsttrace("--log-format", "json", "trace", "--json", "--netns", str(ns.inode), "--count", "6",
                  "--duration", "60"),
@@ -63,6 +76,7 @@ def test_trace_json_contract_and_counts(ns: Netns) -> None:
     )
     try:
         wait_ready(proc)
+        ours = prog_ids_of(proc.pid)
         before = ns.counters()
         with ns.inside():
             connect_refused(socket.AF_INET, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1"), 3)
@@ -84,7 +98,7 @@ def test_trace_json_contract_and_counts(ns: Netns) -> None:
     assert {e["kind"] for e in events} == {"sent", "received"}
     # the stop line reports delivered and lost events
     assert '"delivered": 6' in err and '"lost_kernel": 0' in err
-    assert not (our_prog_ids() - before_ids), "a program of ours stayed loaded after exit"
+    assert ours and not (ours & loaded_prog_ids()), "a program of ours stayed loaded after exit"
 
 
 def test_human_lines_and_filters(ns: Netns) -> None:
@@ -112,14 +126,14 @@ def test_human_lines_and_filters(ns: Netns) -> None:
 
 
 def test_sigterm_detaches_everything(ns: Netns) -> None:
-    before_ids = our_prog_ids()
     proc = subprocess.Popen(rsttrace("trace"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_ready(proc)
-    assert our_prog_ids() - before_ids, "programs should be loaded while tracing"
+    ours = prog_ids_of(proc.pid)
+    assert len(ours) >= 2 and ours <= loaded_prog_ids(), "programs should be loaded while tracing"
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 0
-    assert not (our_prog_ids() - before_ids), "a program of ours stayed loaded after exit"
+    assert not (ours & loaded_prog_ids()), "a program of ours stayed loaded after exit"
 
 
 def test_summary_counts(ns: Netns) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 from netlab import Netns, closed_port, connect_refused, delta, wait_for
 from realkernel import IN_CI, require_real_kernel
-from test_cli import our_prog_ids, rsttrace, wait_ready
+from test_cli import loaded_prog_ids, prog_ids_of, rsttrace, wait_ready
 
 
 def free_port() -> int:
@@ -131,8 +131,10 @@ def test_event_log_lines_are_canonical_json(ns: Netns) -> None:
     finally:
         assert e.stop() == 0
     lines = [json.loads(ln) for ln in e.stderr.splitlines() if ln.startswith("{")]
-    events = [ln for ln in lines if ln["event"] == "tcp_reset_event" and ln.get("netns") == ns.inode]
-    assert 1 <= len(events) <= 4  # 10 events made, at most 2 lines a second
+    # Whichever namespace they come from (the machine may be busy), at most 2 lines a second
+    # over the ~3 s after start, a burst of 2 included.
+    events = [ln for ln in lines if ln["event"] == "tcp_reset_event"]
+    assert 1 <= len(events) <= 2 * 4
     assert {"time", "kind", "reason", "laddr", "lport", "raddr", "rport", "netns"} <= set(events[0])
     suppressed = [ln for ln in lines if ln["event"] == "event lines suppressed"]
     assert suppressed and suppressed[0]["suppressed"] >= 1
@@ -140,8 +142,9 @@ def test_event_log_lines_are_canonical_json(ns: Netns) -> None:
 
 def test_sigterm_during_scrapes(ns: Netns) -> None:
     require_real_kernel()
-    before_ids = our_prog_ids()
     e = Exporter()
+    ours = prog_ids_of(e.proc.pid)
+    assert ours
     errors: List[BaseException] = []
     done = threading.Event()
 
@@ -164,7 +167,7 @@ def test_sigterm_during_scrapes(ns: Netns) -> None:
         t.join()
     assert code == 0
     assert not errors
-    assert not (our_prog_ids() - before_ids), "a program stayed loaded"
+    assert not (ours & loaded_prog_ids()), "a program stayed loaded"
 
 
 def test_bad_listen_address_exits_2() -> None:

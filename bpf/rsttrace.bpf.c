@@ -15,6 +15,10 @@
  */
 #include "rsttrace.h"
 
+#if defined(HAVE_KP_SEND_RESET) || defined(HAVE_KP_SYN_RECV) || defined(HAVE_KP_CONN_REQUEST)
+#include <uapi/linux/ptrace.h> /* struct pt_regs, PT_REGS_PARM*: kprobes only */
+#endif
+
 /* Network to host order for 16 bits; BPF runs in the host's byte order. */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define rst_ntohs(x) __builtin_bswap16(x)
@@ -263,7 +267,7 @@ static __always_inline void count_event(struct rsttrace_event *e)
 	key.kind = e->kind;
 	key.state = e->state;
 	key.family = (u8)e->family;
-	if (e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_ACK)
+	if (e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_ACK || e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_SYN)
 		key.port = e->lport;
 	if (e->reason == RSTTRACE_REASON_NONE)
 		key.flags = e->flags & (RSTTRACE_F_ACTIVE | RSTTRACE_F_PROCESS);
@@ -439,5 +443,141 @@ int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
 	count_event(&e);
 	emit(args, &e);
 	return 0;
+}
+#endif
+
+/* --- kprobes, on kernels whose tracepoints leave gaps (chosen in rsttrace/kernel.py) ---- */
+
+#if defined(HAVE_KP_SEND_RESET) || defined(HAVE_KP_SYN_RECV) || defined(HAVE_KP_CONN_REQUEST)
+/* TCP flags byte of the packet (offset 13 of the TCP header), 0 when unreadable. */
+static __always_inline u8 skb_tcp_flags(const void *skb)
+{
+	u8 flags = 0;
+#if OFF_SKB_HEAD >= 0 && OFF_SKB_TRANSPORT_HEADER >= 0
+	const unsigned char *head = 0;
+	u16 th = 0;
+	bpf_probe_read_kernel(&head, sizeof(head), (const char *)skb + OFF_SKB_HEAD);
+	bpf_probe_read_kernel(&th, sizeof(th), (const char *)skb + OFF_SKB_TRANSPORT_HEADER);
+	if (head && th != 0xffff)
+		bpf_probe_read_kernel(&flags, 1, head + th + 13);
+#endif
+	return flags;
+}
+#endif
+
+#ifdef HAVE_KP_SEND_RESET
+/*
+ * tcp_v4_send_reset(sk, skb) / tcp_v6_send_reset(sk, skb[, reason]) on entry. Before 6.10 the
+ * tracepoint fires inside only for full sockets (net/ipv4/tcp_ipv4.c:
+ * `if (sk && sk_fullsock(sk)) trace_tcp_send_reset(sk, skb)`), so full sockets return here at
+ * once and nothing is counted twice: this probe adds no-socket (closed port) and TIME_WAIT
+ * resets. Like the function, it sends nothing in reply to a RST (`if (th->rst) return;`).
+ */
+static __always_inline int kp_send_reset(struct pt_regs *ctx)
+{
+	const void *sk = (const void *)PT_REGS_PARM1(ctx);
+	const void *skb = (const void *)PT_REGS_PARM2(ctx);
+	struct rsttrace_event e = {};
+
+	if (!skb)
+		return 0;
+	if (sk) {
+		e.state = sk_state(sk);
+		if (e.state != RSTTRACE_TCP_TIME_WAIT && e.state != RSTTRACE_TCP_NEW_SYN_RECV)
+			return 0; /* a full socket: the tracepoint has it */
+	}
+	if (skb_tcp_flags(skb) & 0x04)
+		return 0; /* TCP RST: never answered */
+	e.ktime_ns = bpf_ktime_get_ns();
+	e.kind = RSTTRACE_KIND_SENT;
+	e.reason = RSTTRACE_REASON_NONE;
+	skb_tuple(skb, &e); /* the packet came in: its source is the remote side */
+	if (sk) {
+		e.netns = sk_netns(sk);
+		e.cookie = sk_cookie(sk);
+	} else {
+		e.netns = skb_dev_netns(skb);
+		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
+	}
+	count_event(&e);
+	emit(ctx, &e);
+	return 0;
+}
+
+int rsttrace_kp_send_reset(struct pt_regs *ctx)
+{
+	return kp_send_reset(ctx);
+}
+#endif
+
+#if defined(HAVE_KP_SYN_RECV) || defined(HAVE_KP_CONN_REQUEST)
+/*
+ * A listener meeting its full accept queue: tcp_conn_request (a SYN) and tcp_v4_syn_recv_sock
+ * (the final ACK) both test sk_acceptq_is_full() -- ack_backlog > max_ack_backlog
+ * (include/net/sock.h) -- first thing and count ListenOverflows when it holds. The probe runs
+ * the same test on entry; the queue can drain in between, so this is an estimate, and what
+ * ListenOverflows counts beyond it is reported counter-derived.
+ */
+static __always_inline int kp_overflow(struct pt_regs *ctx, const void *sk, const void *skb, u16 kind, int v6)
+{
+	struct rsttrace_event e = {};
+
+	if (!sk || !skb)
+		return 0;
+#if OFF_SK_ACK_BACKLOG >= 0 && OFF_SK_MAX_ACK_BACKLOG >= 0
+	bpf_probe_read_kernel(&e.backlog, sizeof(e.backlog), (const char *)sk + OFF_SK_ACK_BACKLOG);
+	bpf_probe_read_kernel(&e.max_backlog, sizeof(e.max_backlog), (const char *)sk + OFF_SK_MAX_ACK_BACKLOG);
+#endif
+	if (e.backlog <= e.max_backlog)
+		return 0;
+#if OFF_SKB_PROTOCOL >= 0
+	if (v6) {
+		/* tcp_v6_syn_recv_sock hands IPv4 packets (v4-mapped) to tcp_v4_syn_recv_sock,
+		 * whose own probe counts them */
+		u16 proto = 0;
+		bpf_probe_read_kernel(&proto, sizeof(proto), (const char *)skb + OFF_SKB_PROTOCOL);
+		if (proto == rst_ntohs(0x0800))
+			return 0;
+	}
+#endif
+	e.ktime_ns = bpf_ktime_get_ns();
+	e.kind = kind;
+	e.reason = RSTTRACE_REASON_NONE;
+	e.state = sk_state(sk);
+	e.netns = sk_netns(sk);
+	sk_local(sk, &e);
+	{
+		u16 lport = e.lport;
+		if (skb_tuple(skb, &e) == 0)
+			e.flags |= RSTTRACE_F_PEER_FROM_SKB;
+		else
+			e.lport = lport;
+	}
+	count_event(&e);
+	emit(ctx, &e);
+	return 0;
+}
+#endif
+
+#ifdef HAVE_KP_SYN_RECV
+int rsttrace_kp_syn_recv(struct pt_regs *ctx)
+{
+	return kp_overflow(ctx, (const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
+			   RSTTRACE_KIND_LISTEN_OVERFLOW_ACK, 0);
+}
+
+int rsttrace_kp_syn_recv6(struct pt_regs *ctx)
+{
+	return kp_overflow(ctx, (const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
+			   RSTTRACE_KIND_LISTEN_OVERFLOW_ACK, 1);
+}
+#endif
+
+#ifdef HAVE_KP_CONN_REQUEST
+/* tcp_conn_request(rsk_ops, af_ops, sk, skb): the listener is the third argument */
+int rsttrace_kp_conn_request(struct pt_regs *ctx)
+{
+	return kp_overflow(ctx, (const void *)PT_REGS_PARM3(ctx), (const void *)PT_REGS_PARM4(ctx),
+			   RSTTRACE_KIND_LISTEN_OVERFLOW_SYN, 0);
 }
 #endif

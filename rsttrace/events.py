@@ -107,6 +107,10 @@ def infer_sent_reason(state: Optional[str], flags: int) -> str:
     Before 6.10 the tracepoint fires only with a full socket (tcp_v4_send_reset's
     ``sk && sk_fullsock(sk)``) or for active resets (tcp_send_active_reset, no skb).
     """
+    if state is None:
+        return "NO_SOCKET"  # the kprobe on tcp_v4/v6_send_reset with no socket: a closed port
+    if state == "TCP_TIME_WAIT":
+        return "TCP_TIMEWAIT_SOCKET"
     if flags & c.F_ACTIVE:
         # Active resets from a system call on the socket: close() with unread data (the
         # common case), SO_LINGER 0, shutdown/disconnect. Timers (keepalive, memory) run
@@ -128,6 +132,8 @@ def name_reason(
     if kind == "received" and state is not None:
         reason = RECEIVED_ERRNO.get(state, "ECONNRESET")
         return reason, ("inferred" if reason else None)
+    if kind in ("listen_overflow_syn", "listen_overflow_ack"):
+        return "ListenOverflows", "inferred"  # a kprobe saw it; the kernel counts it there
     return None, None
 
 

@@ -38,6 +38,7 @@ OFFSETS: Dict[str, Tuple[Tuple[str, ...], int]] = {
     "OFF_SKB_NETWORK_HEADER": (("sk_buff.network_header",), 2),
     "OFF_SKB_TRANSPORT_HEADER": (("sk_buff.transport_header",), 2),
     "OFF_SKB_DEV": (("sk_buff.dev",), 8),
+    "OFF_SKB_PROTOCOL": (("sk_buff.protocol",), 2),
     "OFF_DEV_NET": (("net_device.nd_net.net",), 8),
 }
 
@@ -61,6 +62,7 @@ OFFSET_PURPOSE = {
     "OFF_SKB_NETWORK_HEADER": "peer address from the packet",
     "OFF_SKB_TRANSPORT_HEADER": "peer address from the packet",
     "OFF_SKB_DEV": "netns of no-socket resets",
+    "OFF_SKB_PROTOCOL": "IPv4-mapped final ACKs counted once",
     "OFF_DEV_NET": "netns of no-socket resets",
 }
 
@@ -90,11 +92,37 @@ class KernelFacts:
     listen_overflow_reason: Optional[int] = None
     tcp_listen: Optional[int] = None
     ringbuf: bool = False
+    kprobes: bool = False  # the kernel has kprobes (CONFIG_KPROBES: tracefs kprobe_events)
+    hookable: Dict[str, bool] = field(default_factory=dict)  # function -> can be probed
     warnings: List[str] = field(default_factory=list)
 
     @property
     def send_has_reason(self) -> bool:
         return self.send_reset is not None and self.send_reset.has("reason")
+
+    def kprobe_ok(self, fn: str) -> bool:
+        return self.kprobes and self.hookable.get(fn, False)
+
+    # --- the hook plan: decided from what this kernel offers, never from its version -------
+    @property
+    def kp_send_reset(self) -> bool:
+        """Hook tcp_v4/v6_send_reset for the resets the tracepoint misses.
+
+        A tcp_send_reset without a ``reason`` field is the old TRACE_EVENT, which the kernel
+        emits only for full sockets (tcp_v4_send_reset: ``if (sk && sk_fullsock(sk))``); the
+        6.10 rewrite that added ``reason`` also made it fire for every reset.
+        """
+        return self.send_reset is not None and not self.send_has_reason and self.kprobe_ok("tcp_v4_send_reset")
+
+    @property
+    def kp_syn_recv(self) -> bool:
+        """Final ACKs meeting a full accept queue, where kfree_skb has no TCP_LISTEN_OVERFLOW."""
+        return self.listen_overflow_reason is None and self.kprobe_ok("tcp_v4_syn_recv_sock")
+
+    @property
+    def kp_conn_request(self) -> bool:
+        """SYNs meeting a full accept queue: no tracepoint on any kernel, a probe where possible."""
+        return self.kprobe_ok("tcp_conn_request")
 
     def hooks(self) -> List[Hook]:
         out: List[Hook] = []
@@ -102,55 +130,38 @@ class KernelFacts:
         if s is None:
             out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", False, "not in this kernel (needs 4.15+)"))
         elif self.send_has_reason:
-            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", True, "with the kernel's reason"))
+            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", True,
+                            "with the kernel's reason; fires for every reset (6.10+ layout)"))
+        elif self.kp_send_reset:
+            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset + kprobe tcp_v4/v6_send_reset", True,
+                            "no reason field (pre-6.10 layout): the tracepoint sees full sockets, the kprobe "
+                            "the rest (no socket, TIME_WAIT); reasons inferred"))
         else:
-            out.append(
-                Hook(
-                    "sent",
-                    "tracepoint tcp:tcp_send_reset",
-                    True,
-                    "no reason field (kernel < 6.10): reasons inferred; resets without a full "
-                    "socket (closed port, TIME_WAIT) are not seen by this tracepoint",
-                )
-            )
+            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", True,
+                            "no reason field (pre-6.10 layout) and no kprobes: resets without a full socket "
+                            "(closed port, TIME_WAIT) are NOT traced (the kernel's OutRsts still counts them); "
+                            "reasons inferred"))
         r = self.receive_reset
-        out.append(
-            Hook(
-                "received",
-                "tracepoint tcp:tcp_receive_reset",
-                r is not None,
-                "" if r is not None else "not in this kernel (needs 4.15+)",
-            )
-        )
-        k = self.kfree_skb
+        out.append(Hook("received", "tracepoint tcp:tcp_receive_reset", r is not None,
+                        "" if r is not None else "not in this kernel (needs 4.15+)"))
         if self.listen_overflow_reason is not None:
             out.append(Hook("listen_overflow_ack", "tracepoint skb:kfree_skb reason TCP_LISTEN_OVERFLOW", True, ""))
+        elif self.kp_syn_recv:
+            out.append(Hook("listen_overflow_ack", "kprobe tcp_v4/v6_syn_recv_sock (accept queue full on entry)",
+                            True, "no TCP_LISTEN_OVERFLOW drop reason in this kernel"))
         else:
-            why = "skb:kfree_skb missing" if k is None else "drop reason TCP_LISTEN_OVERFLOW not in this kernel (6.15+)"
-            out.append(
-                Hook(
-                    "listen_overflow_ack",
-                    "kernel counters TcpExt ListenOverflows (per netns, polled)",
-                    True,
-                    why + ": counted from ListenOverflows with the listeners at their limit",
-                )
-            )
-        out.append(
-            Hook(
-                "listen_overflow_syn",
-                "kernel counters TcpExt ListenOverflows (per netns, polled)",
-                True,
-                "no tracepoint fires for it; counter-derived",
-            )
-        )
-        out.append(
-            Hook(
-                "syn_queue_overflow",
-                "kernel counters TcpExt TCPReqQFullDrop/TCPReqQFullDoCookies (per netns, polled)",
-                True,
-                "no tracepoint fires for it; counter-derived",
-            )
-        )
+            why = "skb:kfree_skb has no TCP_LISTEN_OVERFLOW (6.15+) and no kprobe is possible"
+            out.append(Hook("listen_overflow_ack", "kernel counters TcpExt ListenOverflows (per netns, polled)",
+                            True, why + ": counted with the SYN overflows, marked includes_ack"))
+        if self.kp_conn_request:
+            out.append(Hook("listen_overflow_syn", "kprobe tcp_conn_request (accept queue full on entry)", True,
+                            "the remainder of ListenOverflows, if any, is reported counter-derived"))
+        else:
+            out.append(Hook("listen_overflow_syn", "kernel counters TcpExt ListenOverflows (per netns, polled)",
+                            True, "no tracepoint fires for it and no kprobe is possible; counter-derived"))
+        out.append(Hook("syn_queue_overflow",
+                        "kernel counters TcpExt TCPReqQFullDrop/TCPReqQFullDoCookies (per netns, polled)", True,
+                        "tcp_syn_flood_action is static (often inlined) and has no tracepoint; counter-derived"))
         return out
 
     def macros(self) -> Dict[str, str]:
@@ -186,6 +197,12 @@ class KernelFacts:
         if self.listen_overflow_reason is not None:
             m["HAVE_TP_LISTEN_OVERFLOW_ACK"] = "1"
             m["DROP_REASON_LISTEN_OVERFLOW"] = str(self.listen_overflow_reason)
+        if self.kp_send_reset:
+            m["HAVE_KP_SEND_RESET"] = "1"
+        if self.kp_syn_recv:
+            m["HAVE_KP_SYN_RECV"] = "1"
+        if self.kp_conn_request:
+            m["HAVE_KP_CONN_REQUEST"] = "1"
         if self.ringbuf:
             m["RSTTRACE_RINGBUF"] = "1"
         return m
@@ -237,10 +254,62 @@ def _ringbuf_supported(btf: Optional[Btf]) -> bool:
         return False
 
 
+KPROBE_FUNCTIONS = ("tcp_v4_send_reset", "tcp_v6_send_reset", "tcp_conn_request", "tcp_v4_syn_recv_sock",
+                    "tcp_v6_syn_recv_sock")
+
+
+def probeable_functions(tracefs_root: Optional[str], kallsyms: str = "/proc/kallsyms") -> Dict[str, bool]:
+    """Which of KPROBE_FUNCTIONS exist as functions in this kernel (not inlined away).
+
+    available_filter_functions lists what ftrace can hook; where it cannot be read (some
+    lockdown setups) /proc/kallsyms text symbols stand in: kprobes need only the symbol.
+    """
+    wanted = set(KPROBE_FUNCTIONS)
+    found: Dict[str, bool] = {fn: False for fn in KPROBE_FUNCTIONS}
+    sources = []
+    if tracefs_root:
+        sources.append((os.path.join(tracefs_root, "available_filter_functions"), 0))
+    sources.append((kallsyms, 2))
+    for path, column in sources:
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > column:
+                        name = parts[column]
+                        if name in wanted and (column == 0 or parts[1] in ("t", "T")):
+                            found[name] = True
+            return found
+        except OSError:
+            continue
+    return found
+
+
+def functions_fixture(path: str) -> Tuple[bool, Dict[str, bool]]:
+    """(kprobes, hookable) from a saved functions.txt (tests/fixtures/kernel-formats/*)."""
+    kprobes = False
+    hookable: Dict[str, bool] = {}
+    with open(path) as f:
+        for line in f:
+            parts = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+            if line.startswith("kprobe_events="):
+                kprobes = line.split()[0].split("=", 1)[1] == "yes"
+            elif parts:
+                name = line.split()[0]
+                hookable[name] = parts.get("filter_functions") == "1" or parts.get("kallsyms") == "1"
+    return kprobes, hookable
+
+
 def gather(tracefs_root: Optional[str], btf_path: Optional[str] = "/sys/kernel/btf/vmlinux",
-           release: Optional[str] = None) -> KernelFacts:
-    """Read every fact rsttrace needs. Fixture directories work as well as the live kernel."""
+           release: Optional[str] = None, functions: Optional[Tuple[bool, Dict[str, bool]]] = None) -> KernelFacts:
+    """Read every fact rsttrace needs. Fixture directories work as well as the live kernel;
+    ``functions`` replaces the live kprobe/function check (fixtures: functions_fixture())."""
     facts = KernelFacts(release=release or platform.release(), tracefs=tracefs_root, btf_path=None)
+    if functions is not None:
+        facts.kprobes, facts.hookable = functions
+    elif tracefs_root:
+        facts.kprobes = os.path.exists(os.path.join(tracefs_root, "kprobe_events"))
+        facts.hookable = probeable_functions(tracefs_root) if facts.kprobes else {}
     if tracefs_root:
         tfs = Tracefs(tracefs_root)
         facts.send_reset = tfs.format("tcp", "tcp_send_reset")

@@ -37,23 +37,26 @@ class OverflowTotals:
 class OverflowPoller:
     """Call ``poll()`` every interval; it returns the counter-derived events since the last call.
 
-    ``traced_ack`` returns the running total of traced final-ACK overflows per netns (from the
-    BPF counters), or None when the kernel cannot trace them (then every ListenOverflows is
-    reported as ``listen_overflow_syn`` with ``includes_ack: true``).
+    ``traced`` returns the running total of listen overflows rsttrace traced itself per netns
+    (BPF counters: kfree_skb TCP_LISTEN_OVERFLOW, or the kprobes), or None when it traces
+    none; the rest of ListenOverflows is reported as ``listen_overflow_syn``, with
+    ``includes_ack: true`` when final-ACK overflows cannot be traced on this kernel.
     """
 
     def __init__(
         self,
         tcp_listen_state: Optional[int],
-        traced_ack: Callable[[], Optional[Dict[int, int]]],
+        traced: Callable[[], Optional[Dict[int, int]]],
         only_netns: Optional[int] = None,
+        includes_ack: bool = False,
         proc_root: str = "/proc",
         run_netns: str = nsmod.RUN_NETNS,
         clock: Optional[Clock] = None,
     ) -> None:
         self.tcp_listen = tcp_listen_state
-        self.traced_ack = traced_ack
+        self.traced = traced
         self.only_netns = only_netns
+        self.includes_ack = includes_ack
         self.proc_root = proc_root
         self.run_netns = run_netns
         self.clock = clock or Clock()
@@ -92,13 +95,13 @@ class OverflowPoller:
         refs = nsmod.discover(self.proc_root, self.run_netns)
         if self.only_netns is not None:
             refs = {k: v for k, v in refs.items() if k == self.only_netns}
-        acks = self.traced_ack()  # before the counters: see the race note on self.base
+        traced = self.traced()  # before the counters: see the race note on self.base
         readings = nsmod.read_each(refs, self._watched)
         out: List[Event] = []
         now = time.monotonic_ns()
         for ino, cur in readings.items():
             ref = refs[ino]
-            ack_now = (acks or {}).get(ino, 0)
+            ack_now = (traced or {}).get(ino, 0)
             last = self.last.get(ino)
             self.last[ino] = cur
             if last is not None and any(cur[n] < last[n] for n in WATCHED):
@@ -118,7 +121,7 @@ class OverflowPoller:
             base, ack_base = self.base[ino]
             lo = cur["ListenOverflows"] - base["ListenOverflows"]
             cum = {
-                "ListenOverflows": lo - (ack_now - ack_base) if acks is not None else lo,
+                "ListenOverflows": lo - (ack_now - ack_base) if traced is not None else lo,
                 "TCPReqQFullDrop": cur["TCPReqQFullDrop"] - base["TCPReqQFullDrop"],
                 "TCPReqQFullDoCookies": cur["TCPReqQFullDoCookies"] - base["TCPReqQFullDoCookies"],
             }
@@ -128,7 +131,8 @@ class OverflowPoller:
             syn = new["ListenOverflows"]
             full = [lst for lst in self._listeners(ref) if lst.full] if syn > 0 else []
             if syn > 0:
-                out.append(self._event("listen_overflow_syn", "ListenOverflows", syn, ino, now, full, acks is None))
+                out.append(self._event("listen_overflow_syn", "ListenOverflows", syn, ino, now, full,
+                                       self.includes_ack if traced is not None else True))
             for name in ("TCPReqQFullDrop", "TCPReqQFullDoCookies"):
                 if new[name] > 0:
                     out.append(self._event("syn_queue_overflow", name, new[name], ino, now, [], False))

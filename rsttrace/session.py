@@ -54,7 +54,9 @@ class Session:
         self.overflow_interval = overflow_interval
         self.poller: Optional[OverflowPoller] = None
         if poll_overflows:
-            self.poller = OverflowPoller(facts.tcp_listen, self._traced_ack, only_netns=options.netns, clock=self.clock)
+            ack_traced = facts.listen_overflow_reason is not None or facts.kp_syn_recv
+            self.poller = OverflowPoller(facts.tcp_listen, self._traced_overflows, only_netns=options.netns,
+                                         includes_ack=not ack_traced, clock=self.clock)
         self.delivered = 0
         self.last_loop = time.monotonic()
         self._lock = threading.Lock()
@@ -117,12 +119,14 @@ class Session:
                 self.deliver(ev)
         return evs
 
-    def _traced_ack(self) -> Optional[Dict[int, int]]:
-        if self.facts.listen_overflow_reason is None:
+    def _traced_overflows(self) -> Optional[Dict[int, int]]:
+        """Listen overflows the BPF programs counted, per netns; None when none can be."""
+        f = self.facts
+        if f.listen_overflow_reason is None and not f.kp_syn_recv and not f.kp_conn_request:
             return None
         out: Dict[int, int] = {}
         for (kind, _r, _s, _f, netns, _p, _fl), n in self.tracer.counters().items():
-            if kind == c.KIND_LISTEN_OVERFLOW_ACK:
+            if kind in (c.KIND_LISTEN_OVERFLOW_ACK, c.KIND_LISTEN_OVERFLOW_SYN):
                 out[netns] = out.get(netns, 0) + n
         return out
 

@@ -106,21 +106,17 @@ class Tracer:
                 "compiling the BPF program failed: %s (headers: %s)" % (_first_line(e), self.headers)
             ) from e
         macros = self.facts.macros()
-        plan = [
-            ("rsttrace_send_reset", "tcp:tcp_send_reset", "HAVE_TP_SEND_RESET"),
-            ("rsttrace_receive_reset", "tcp:tcp_receive_reset", "HAVE_TP_RECEIVE_RESET"),
-            ("rsttrace_kfree_skb", "skb:kfree_skb", "HAVE_TP_LISTEN_OVERFLOW_ACK"),
-        ]
         try:
-            for fn, tp, macro in plan:
+            for fn, hook, macro in self.plan():
                 if macro not in macros:
-                    self.attachments.append(Attachment(fn, tp, False, "not available on this kernel"))
+                    if hook.startswith("tracepoint"):
+                        self.attachments.append(Attachment(fn, hook, False, "not available on this kernel"))
                     continue
                 try:
-                    self._attach(tp, fn)
-                    self.attachments.append(Attachment(fn, tp, True))
+                    self._attach(hook, fn)
+                    self.attachments.append(Attachment(fn, hook, True))
                 except Exception as e:
-                    self.attachments.append(Attachment(fn, tp, False, _first_line(e)))
+                    self.attachments.append(Attachment(fn, hook, False, _first_line(e)))
             if not any(a.attached for a in self.attachments):
                 raise TracerError(
                     "no tracepoint could be attached: %s"
@@ -133,7 +129,29 @@ class Tracer:
             self.close()
             raise
 
-    def _attach(self, tp: str, fn: str) -> None:
+    def plan(self) -> List[Tuple[str, str, str]]:
+        """(program, hook, the macro that says this kernel gets it)."""
+        f = self.facts
+        out = [
+            ("rsttrace_send_reset", "tracepoint tcp:tcp_send_reset", "HAVE_TP_SEND_RESET"),
+            ("rsttrace_receive_reset", "tracepoint tcp:tcp_receive_reset", "HAVE_TP_RECEIVE_RESET"),
+            ("rsttrace_kfree_skb", "tracepoint skb:kfree_skb", "HAVE_TP_LISTEN_OVERFLOW_ACK"),
+            ("rsttrace_kp_send_reset", "kprobe tcp_v4_send_reset", "HAVE_KP_SEND_RESET"),
+            ("rsttrace_kp_syn_recv", "kprobe tcp_v4_syn_recv_sock", "HAVE_KP_SYN_RECV"),
+            ("rsttrace_kp_conn_request", "kprobe tcp_conn_request", "HAVE_KP_CONN_REQUEST"),
+        ]
+        if f.kprobe_ok("tcp_v6_send_reset"):
+            out.append(("rsttrace_kp_send_reset", "kprobe tcp_v6_send_reset", "HAVE_KP_SEND_RESET"))
+        if f.kprobe_ok("tcp_v6_syn_recv_sock"):
+            out.append(("rsttrace_kp_syn_recv6", "kprobe tcp_v6_syn_recv_sock", "HAVE_KP_SYN_RECV"))
+        return out
+
+    def _attach(self, hook: str, fn: str) -> None:
+        kind, _, target = hook.partition(" ")
+        if kind == "kprobe":
+            self.bpf.attach_kprobe(event=target.encode(), fn_name=fn.encode())
+            return
+        tp = target
         try:
             self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
         except Exception:

@@ -1,0 +1,52 @@
+"""Every kernel layout's program compiles with bcc and passes this kernel's verifier.
+
+The hook plans of Debian's 5.10, 6.1 and 6.12 (and of 5.4/5.15/6.8-like descriptions) are built
+from their saved format files, with this kernel's BTF offsets, compiled by the installed bcc and
+loaded -- tracepoint and kprobe programs alike -- without attaching. The kprobe paths cannot
+attach on this node type (no kprobes); the rig boots the real kernels to run them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from realkernel import require_real_kernel
+from testpaths import FIXTURES, KERNEL_FORMATS
+
+from rsttrace import kernel
+from rsttrace.bccload import import_bcc, kernel_headers
+from rsttrace.tracer import TraceOptions, Tracer
+
+ROOTS = [os.path.join(KERNEL_FORMATS, d) for d in sorted(os.listdir(KERNEL_FORMATS))
+         if os.path.isdir(os.path.join(KERNEL_FORMATS, d))]
+ROOTS += [os.path.join(FIXTURES, "kernel-descriptions", d) for d in ("5.4-like", "5.15-like", "6.8-like")]
+
+
+@pytest.mark.parametrize("root", ROOTS, ids=[os.path.basename(r) for r in ROOTS])
+def test_program_loads(root: str) -> None:
+    require_real_kernel()
+    bcc = import_bcc()
+    src, _why = kernel_headers()
+    if src:
+        os.environ["BCC_KERNEL_SOURCE"] = src
+    functions = kernel.functions_fixture(os.path.join(root, "functions.txt"))
+    # as if this kernel offered kprobes for every function the saved kernel had
+    facts = kernel.gather(root, release=os.path.basename(root), functions=(True, functions[1]))
+    tracer = Tracer(facts, TraceOptions())
+    tracer.ringbuf = facts.ringbuf
+    b = bcc.BPF(text=tracer.source().encode(), cflags=["-Wno-unused-function"])
+    try:
+        macros = facts.macros()
+        loaded = []
+        for fn, hook, macro in tracer.plan():
+            if macro not in macros:
+                continue
+            kind = bcc.BPF.KPROBE if hook.startswith("kprobe") else bcc.BPF.TRACEPOINT
+            b.load_func(fn.encode(), kind)  # the verifier's pass, no attach
+            loaded.append(fn)
+        assert "rsttrace_send_reset" in loaded and "rsttrace_receive_reset" in loaded
+        if facts.kp_send_reset:
+            assert "rsttrace_kp_send_reset" in loaded
+    finally:
+        b.cleanup()

@@ -117,6 +117,10 @@ def _json6902(obj: Obj, ops: List[Obj]) -> None:
                 if key not in parent:
                     raise KustomizeError("replace of missing %s" % op["path"])
                 parent[key] = copy.deepcopy(op["value"])
+        elif op["op"] == "test":
+            got = parent[int(key)] if isinstance(parent, list) else parent.get(key)
+            if got != op["value"]:
+                raise KustomizeError("patch test failed at %s: %r != %r" % (op["path"], got, op["value"]))
         else:
             raise KustomizeError("patch op %r not implemented" % op["op"])
 
@@ -276,6 +280,9 @@ def test_variants_contain_what_they_say(everything: str) -> None:
     full = by_kind(render(everything))
     c = daemonset_container(full)
     assert "SYS_ADMIN" in c["securityContext"]["capabilities"]["add"]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is True
+    tracefs = [m for m in c["volumeMounts"] if m["mountPath"] == "/sys/kernel/tracing"]
+    assert tracefs == [{"name": "tracefs", "mountPath": "/sys/kernel/tracing", "readOnly": False}]
     assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/lib/modules", "/usr/src"}
 
 

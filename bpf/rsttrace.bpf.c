@@ -245,6 +245,17 @@ static __always_inline int skb_tuple(const void *skb, struct rsttrace_event *e)
 #endif
 }
 
+/* For events about a listener: the packet names the peer (and the exact local address the
+ * client used); the listener's port stays if the packet cannot be read. */
+static __always_inline void peer_from_packet(const void *skb, struct rsttrace_event *e)
+{
+	u16 lport = e->lport;
+	if (skb_tuple(skb, e) == 0)
+		e->flags |= RSTTRACE_F_PEER_FROM_SKB;
+	else
+		e->lport = lport;
+}
+
 /* A sockaddr_in / sockaddr_in6 as the 6.10+ tracepoints store them (28 bytes). */
 static __always_inline void from_sockaddr(const u8 *sa, u8 *addr, u16 *port, u16 *family)
 {
@@ -432,14 +443,7 @@ int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
 		e.netns = skb_dev_netns(skb);
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
-	{
-		/* The packet names the peer; keep the listener's port if the packet is unreadable. */
-		u16 lport = e.lport;
-		if (skb_tuple(skb, &e) == 0)
-			e.flags |= RSTTRACE_F_PEER_FROM_SKB;
-		else
-			e.lport = lport;
-	}
+	peer_from_packet(skb, &e);
 	count_event(&e);
 	emit(args, &e);
 	return 0;
@@ -546,13 +550,7 @@ static __always_inline int kp_overflow(struct pt_regs *ctx, const void *sk, cons
 	e.state = sk_state(sk);
 	e.netns = sk_netns(sk);
 	sk_local(sk, &e);
-	{
-		u16 lport = e.lport;
-		if (skb_tuple(skb, &e) == 0)
-			e.flags |= RSTTRACE_F_PEER_FROM_SKB;
-		else
-			e.lport = lport;
-	}
+	peer_from_packet(skb, &e);
 	count_event(&e);
 	emit(ctx, &e);
 	return 0;

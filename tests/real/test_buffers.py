@@ -9,19 +9,10 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 from netlab import Netns, closed_port, connect_refused, delta, wait_for
-from realkernel import require_real_kernel
-
-
-@pytest.fixture()
-def ns() -> Iterator[Netns]:
-    require_real_kernel()
-    n = Netns()
-    yield n
-    n.delete()
 
 
 def run_session(ns: Netns, force_perf: bool, pages: int, resets: int, slow: bool) -> Any:

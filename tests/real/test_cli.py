@@ -11,7 +11,6 @@ import sys
 import time
 from typing import Any, Dict, List, Set
 
-import pytest
 from netlab import Netns, closed_port, connect_refused, delta, overflow_accept_queue
 from realkernel import require_real_kernel
 
@@ -60,12 +59,6 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
     raise AssertionError("rsttrace not ready after %.0fs" % timeout)
 
 
-@pytest.fixture()
-def ns() -> Any:
-    require_real_kernel()
-    n = Netns()
-    yield n
-    n.delete()
 
 
 def test_trace_json_contract_and_counts(ns: Netns) -> None:

@@ -1,0 +1,1 @@
+"""rsttrace's benchmark (bench/run): see bench/README.md."""

@@ -557,33 +557,41 @@ def env_script(release: Release, extra: dict[str, str]) -> str:
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
 
 
-def write_input_tar(
-    dest: Path,
-    project: Path,
-    files: Sequence[str],
-    argv: Sequence[str],
-    env_sh: str,
-) -> None:
-    """The per-run input disk: a tar that stage 1 unpacks from /dev/vdb."""
+def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+    tf.addfile(info, io.BytesIO(data))
 
-    def add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), mode, int(time.time())
-        tf.addfile(info, io.BytesIO(data))
 
+def write_project_tar(dest: Path, project: Path, files: Sequence[str], argv: Sequence[str]) -> list[str]:
+    """The part of the input disk that all kernels share: init.sh, cmd.sh and
+    project/.  Made once per run, so every kernel sees the same snapshot of a
+    work tree others may be editing.  Returns the files that vanished meanwhile."""
+    vanished = []
     with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tf:
-        add_bytes(tf, "init.sh", (GUEST_DIR / "init.sh").read_bytes(), 0o755)
-        add_bytes(tf, "cmd.sh", command_script(argv).encode(), 0o755)
-        add_bytes(tf, "env.sh", env_sh.encode(), 0o644)
+        _add_bytes(tf, "init.sh", (GUEST_DIR / "init.sh").read_bytes(), 0o755)
+        _add_bytes(tf, "cmd.sh", command_script(argv).encode(), 0o755)
         for name in files:
-            info = tf.gettarinfo(str(project / name), arcname=f"project/{name}")
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            if info.isreg():
-                with open(project / name, "rb") as f:
-                    tf.addfile(info, f)
-            else:
-                tf.addfile(info)
+            try:
+                info = tf.gettarinfo(str(project / name), arcname=f"project/{name}")
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                if info.isreg():
+                    with open(project / name, "rb") as f:
+                        tf.addfile(info, f)
+                else:
+                    tf.addfile(info)
+            except FileNotFoundError:
+                vanished.append(name)
+    return vanished
+
+
+def write_input_tar(dest: Path, project_tar: Path, env_sh: str) -> None:
+    """One kernel's input disk, the tar stage 1 unpacks from /dev/vdb: the
+    shared project tar plus this kernel's env.sh."""
+    shutil.copyfile(project_tar, dest)
+    with tarfile.open(dest, "a", format=tarfile.GNU_FORMAT) as tf:
+        _add_bytes(tf, "env.sh", env_sh.encode(), 0o644)
     # qemu wants whole sectors.
     size = dest.stat().st_size
     with open(dest, "ab") as padded:
@@ -690,9 +698,7 @@ class Outcome:
 def boot_and_run(
     image: Image,
     boot: BootConfig,
-    project: Path,
-    files: Sequence[str],
-    argv: Sequence[str],
+    project_tar: Path,
     out_root: Path,
 ) -> Outcome:
     release = image.release
@@ -704,16 +710,8 @@ def boot_and_run(
     scratch = Path(tempfile.mkdtemp(prefix=f"rig-{release.suite}-", dir=str(out_root)))
     try:
         input_tar = scratch / "input.tar"
-        write_input_tar(
-            input_tar,
-            project,
-            files,
-            argv,
-            env_script(
-                release,
-                {"RSTTRACE_RIG_GUEST_KERNEL": str(image.meta.get("kernel", ""))},
-            ),
-        )
+        extra = {"RSTTRACE_RIG_GUEST_KERNEL": str(image.meta.get("kernel", ""))}
+        write_input_tar(input_tar, project_tar, env_script(release, extra))
         result_disk = scratch / "result.disk"
         with open(result_disk, "wb") as f:
             f.truncate(boot.out_size_mib << 20)  # sparse
@@ -990,6 +988,10 @@ def _main(args: argparse.Namespace) -> int:
         t.join()
     for label, err in errors.items():
         say(label, f"image build failed: {err}", sys.stderr)
+        log = cache / "logs" / f"{BY_LABEL[label].suite}-build.log"
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-25:]
+            say(label, "\n".join("  | " + t for t in tail), sys.stderr)
     if errors:
         raise RigError("image build failed for " + ", ".join(errors))
     if args.build_only:
@@ -1009,11 +1011,30 @@ def _main(args: argparse.Namespace) -> int:
     if accel == "auto":
         accel = "kvm" if kvm_usable(images[releases[0].label], cache) else "tcg"
     boot = BootConfig(accel, args.memory, args.smp, args.timeout, args.out_size, args.verbose, args.cpu)
-    say(
-        "rig",
-        f"{len(files)} project files from {project}; accel {accel}; results in {out_root}",
-    )
+    scratch = Path(tempfile.mkdtemp(prefix="rig-project-", dir=str(out_root)))
+    try:
+        project_tar = scratch / "project.tar"
+        vanished = write_project_tar(project_tar, project, files, args.command)
+        if vanished:
+            say("rig", f"skipped {len(vanished)} files deleted while copying: {' '.join(vanished[:5])}")
+        say("rig", f"{len(files) - len(vanished)} project files from {project}; accel {accel}; results in {out_root}")
+        outcomes = boot_all(releases, images, boot, project_tar, out_root, args.jobs)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print_summary([outcomes[r.label] for r in releases], out_root)
+    return 0 if all(o.status == 0 for o in outcomes.values()) else 1
 
+
+def boot_all(
+    releases: Sequence[Release],
+    images: dict[str, Image],
+    boot: BootConfig,
+    project_tar: Path,
+    out_root: Path,
+    jobs: int,
+) -> dict[str, Outcome]:
+    """Boot each release, `jobs` at a time (default one: under TCG on two
+    cores, concurrent guests mostly slow each other down)."""
     outcomes: dict[str, Outcome] = {}
     pending = list(releases)
     pending_lock = threading.Lock()
@@ -1025,18 +1046,17 @@ def _main(args: argparse.Namespace) -> int:
                     return
                 r = pending.pop(0)
             try:
-                outcomes[r.label] = boot_and_run(images[r.label], boot, project, files, args.command, out_root)
+                outcomes[r.label] = boot_and_run(images[r.label], boot, project_tar, out_root)
             except Exception as e:  # noqa: BLE001 - one kernel's failure must not hide the others
                 outcomes[r.label] = Outcome(r, images[r.label], note=f"rig error: {e}")
+                say(r.label, f"rig error: {e}", sys.stderr)
 
-    workers = [threading.Thread(target=worker) for _ in range(max(1, min(args.jobs, len(releases))))]
+    workers = [threading.Thread(target=worker) for _ in range(max(1, min(jobs, len(releases))))]
     for t in workers:
         t.start()
     for t in workers:
         t.join()
-
-    print_summary([outcomes[r.label] for r in releases], out_root)
-    return 0 if all(o.status == 0 for o in outcomes.values()) else 1
+    return outcomes
 
 
 def print_summary(outcomes: Sequence[Outcome], out_root: Path) -> None:

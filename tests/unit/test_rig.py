@@ -117,14 +117,19 @@ def test_input_tar_layout(tmp_path: Path) -> None:
     (project / "pkg").mkdir(parents=True)
     (project / "pkg/a.py").write_text("A\n")
     (project / "link").symlink_to("pkg/a.py")
+    shared = tmp_path / "project.tar"
+    vanished = riglib.write_project_tar(shared, project, ["pkg/a.py", "link", "gone.py"], ["true"])
+    assert vanished == ["gone.py"]
     tar = tmp_path / "in.tar"
-    riglib.write_input_tar(tar, project, ["pkg/a.py", "link"], ["true"], "export A=1\n")
+    riglib.write_input_tar(tar, shared, "export A=1\n")
     assert tar.stat().st_size % 512 == 0
     with tarfile.open(tar) as tf:
         names = set(tf.getnames())
         assert {"init.sh", "cmd.sh", "env.sh", "project/pkg/a.py", "project/link"} <= names
         assert tf.getmember("project/link").issym()
         assert tf.getmember("project/pkg/a.py").uid == 0
+        env = tf.extractfile("env.sh")
+        assert env is not None and env.read() == b"export A=1\n"
 
 
 def _result_disk(path: Path, members: list[tuple[str, bytes | None]]) -> Path:

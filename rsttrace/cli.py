@@ -240,7 +240,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if args.log_events:
             logger.info("tcp_reset_event", **ev.to_dict())
 
-    session = Session(facts, options, sink=sink, event_filter=filt, overflow_interval=args.overflow_interval)
+    session = Session(facts, options, sink=sink, event_filter=filt, overflow_interval=args.overflow_interval,
+                      proc_root=args.proc_root)
     if args.ebpf:
         out.write(session.tracer.source())
         return 0
@@ -394,7 +395,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("--metric-pod-labels needs attribution: drop --no-attribution")
     if args.metric_pod_labels and args.netns_label:
         raise UsageError("choose one of --metric-pod-labels and --netns-label")
-    session = Session(facts, options, sink=sink, overflow_interval=args.overflow_interval)
+    session = Session(facts, options, sink=sink, overflow_interval=args.overflow_interval, proc_root=args.proc_root)
     enricher = _enricher(args)
     if enricher is not None:
         session.attribute = event_attributor(enricher)
@@ -410,7 +411,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             netns_labels, extra = (lambda ns: {"netns": str(ns) if ns else ""}), ("netns",)
         elif args.metric_pod_labels and enricher is not None:
             netns_labels, extra = metric_labeler(enricher), ("namespace", "pod")
+        # The host's own counters: pid 1's namespace under --proc-root (in a pod, /proc/net would
+        # be the pod's namespace).
         registry.register(SessionCollector(session, SeriesCap(args.max_port_labels, args.max_series),
+                                           proc_net=os.path.join(args.proc_root, "1", "net"),
                                            netns_labels=netns_labels, extra_label_names=extra))
 
         def healthy() -> bool:

@@ -6,8 +6,9 @@ Diagnostics go to stderr so that ``rsttrace trace --json`` keeps stdout for even
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any, Optional, TextIO
+from typing import Any, MutableMapping, Optional, TextIO
 
 import structlog
 
@@ -23,9 +24,17 @@ def configure(level: str = "info", fmt: str = "auto", stream: Optional[TextIO] =
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    node = os.environ.get("NODE_NAME")  # the DaemonSet sets it from the downward API
+
+    def add_node(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if node:
+            event.setdefault("node", node)
+        return event
+
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
+            add_node,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],

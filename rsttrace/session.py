@@ -43,6 +43,7 @@ class Session:
         overflow_interval: float = 1.0,
         poll_overflows: bool = True,
         attribute: Optional[Callable[[Event], None]] = None,
+        proc_root: str = "/proc",
     ) -> None:
         self.facts = facts
         self.options = options
@@ -55,8 +56,9 @@ class Session:
         self.poller: Optional[OverflowPoller] = None
         if poll_overflows:
             ack_traced = facts.listen_overflow_reason is not None or facts.kp_syn_recv
+            # proc_root: in a pod, the host's /proc mounted elsewhere, so every pod's namespace is seen
             self.poller = OverflowPoller(facts.tcp_listen, self._traced_overflows, only_netns=options.netns,
-                                         includes_ack=not ack_traced, clock=self.clock)
+                                         includes_ack=not ack_traced, clock=self.clock, proc_root=proc_root)
         self.delivered = 0
         self.last_loop = time.monotonic()
         self._lock = threading.Lock()

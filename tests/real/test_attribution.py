@@ -1,110 +1,45 @@
-"""A kubelet-shaped "pod" on this machine, and its resets attributed to it by name.
-
-The pod is what a kubelet would leave on a node: a network namespace, a cgroup v2 directory whose
-path carries a pod UID and a containerd container id (systemd driver naming), a process in both,
-and the kubelet's log directories naming namespace, pod and container. No Kubernetes is needed.
-"""
+"""A kubelet-shaped "pod" on this machine (tests/real/kubelet.py), and its resets attributed to it."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-import uuid
 from typing import Any, Dict, Iterator, List
 
 import pytest
-from netlab import Netns, closed_port, connect_refused, overflow_on_ack, wait_for
+from kubelet import KubeletPod
+from netlab import closed_port, connect_refused, overflow_on_ack, wait_for
 from realkernel import require_real_kernel
 from test_cli import rsttrace, wait_ready
 from test_exporter import free_port, sample, scrape
 
-from rsttrace.enrich import find_cgroup2_root
-
-SERVER = r"""
-import ctypes, os, socket, sys, time
-with open(sys.argv[1], "w") as f:   # join the container's cgroup before making any socket
-    f.write(str(os.getpid()))
-fd = os.open(sys.argv[2], os.O_RDONLY)  # then its network namespace (setns, as a runtime does;
-if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # `ip netns exec` would hide
-    sys.exit("setns failed")                                   # the cgroup2 mount)
+# The pod's server: close every connection with its data unread (TCP_ABORT_ON_CLOSE, sent
+# from a socket in the container's cgroup).
+SERVER = """
+import socket, time
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
 srv.listen(8)
 print(srv.getsockname()[1], flush=True)
 while True:
     conn, _ = srv.accept()
-    time.sleep(0.2)                  # let the client's data arrive, never read it
-    conn.close()                     # close with unread data: TCP_ABORT_ON_CLOSE, in this cgroup
+    time.sleep(0.2)
+    conn.close()
 """
 
 
-class Pod:
-    def __init__(self, tmp: str) -> None:
-        cg2 = find_cgroup2_root("/sys/fs/cgroup")
-        if cg2 is None:
-            pytest.fail("no cgroup v2 hierarchy on this machine (needed to attribute by cgroup)")
-        self.uid = str(uuid.uuid4())
-        self.cid = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex, like containerd's ids
-        self.namespace, self.name, self.container = "shop", "checkout-7d9f", "api"
-        slice_ = "kubepods-besteffort-pod%s.slice" % self.uid.replace("-", "_")
-        self.cgroup = os.path.join(cg2, "kubepods.slice", "kubepods-besteffort.slice", slice_,
-                                   "cri-containerd-%s.scope" % self.cid)
-        os.makedirs(self.cgroup)
-        self.pods_dir = os.path.join(tmp, "pods")
-        self.containers_dir = os.path.join(tmp, "containers")
-        logdir = os.path.join(self.pods_dir, "%s_%s_%s" % (self.namespace, self.name, self.uid), self.container)
-        os.makedirs(logdir)
-        os.makedirs(self.containers_dir)
-        open(os.path.join(logdir, "0.log"), "w").close()
-        os.symlink(os.path.join(logdir, "0.log"), os.path.join(
-            self.containers_dir, "%s_%s_%s-%s.log" % (self.name, self.namespace, self.container, self.cid)))
-        self.ns = Netns()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, os.path.join(self.cgroup, "cgroup.procs"), self.ns.path],
-            stdout=subprocess.PIPE, text=True,
-        )
-        assert self.proc.stdout is not None
-        self.port = int(self.proc.stdout.readline())
-
-    def args(self) -> List[str]:
-        return ["--pods-dir", self.pods_dir, "--containers-dir", self.containers_dir]
-
-    def labels(self) -> Dict[str, str]:
-        return {"namespace": self.namespace, "pod": self.name, "container": self.container, "container_id": self.cid}
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.ns.delete()
-        for _ in range(50):  # the cgroup can only go once its process has left it
-            try:
-                os.rmdir(self.cgroup)
-                break
-            except OSError:
-                time.sleep(0.1)
-        d = os.path.dirname(self.cgroup)
-        for _ in range(3):
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
-            d = os.path.dirname(d)
-
-
 @pytest.fixture()
-def pod(tmp_path: str) -> Iterator[Pod]:
+def pod(tmp_path: str) -> Iterator[KubeletPod]:
     require_real_kernel()
-    p = Pod(str(tmp_path))
+    p = KubeletPod(str(tmp_path), SERVER)
     yield p
     p.close()
 
 
-def test_events_carry_the_pod(pod: Pod) -> None:
+def test_events_carry_the_pod(pod: KubeletPod) -> None:
     proc = subprocess.Popen(
         rsttrace("--log-format", "json", "trace", "--json", "--duration", "20", *pod.args()),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -153,7 +88,7 @@ def _reset(s: socket.socket) -> bool:
         return False
 
 
-def test_metrics_carry_the_pod(pod: Pod) -> None:
+def test_metrics_carry_the_pod(pod: KubeletPod) -> None:
     port = free_port()
     proc = subprocess.Popen(
         rsttrace("--log-format", "json", "export", "--listen", "127.0.0.1:%d" % port, "--metric-pod-labels",

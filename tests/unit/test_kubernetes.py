@@ -38,7 +38,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
 
 import pytest
@@ -654,74 +653,25 @@ def test_wrapper_prefers_the_nodes_headers(tmp_path: Any) -> None:
 
 
 # --- the DaemonSet's command in a simulated pod (root, BPF) -----------------------------------------
-SERVER_AS_USER = r"""
-import ctypes, os, sys
-with open(sys.argv[1], "w") as f:  # the container's cgroup, then its network namespace, as root
-    f.write(str(os.getpid()))
-fd = os.open(sys.argv[2], os.O_RDONLY)
-if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-    sys.exit("setns failed")
+# The pod's process drops to uid 1000, as a runtime starts a pod's process (dumpable, not root):
+# reading its /proc/<pid>/ns/net then takes SYS_PTRACE.
+SERVER_AS_USER = """
+import os, socket, time
 os.setgroups([])
 os.setgid(1000)
-os.setuid(1000)  # then exec as that user, as a runtime starts a pod's process (dumpable, uid 1000)
-os.execv(sys.executable, [sys.executable, "-c", "import socket, time\n"
-         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(8); print(s.getsockname()[1], flush=True)\n"
-         "time.sleep(600)"])
+os.setuid(1000)
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8); print(s.getsockname()[1], flush=True)
+time.sleep(600)
 """
 
 
-class UserPod:
-    """A kubelet-shaped pod whose process runs as uid 1000 (tests/real/test_attribution.py's, as root)."""
+def user_pod_at(tmp: str) -> Any:
+    from kubelet import KubeletPod
 
-    def __init__(self, tmp: str) -> None:
-        from netlab import Netns
-
-        from rsttrace.enrich import find_cgroup2_root
-
-        cg2 = find_cgroup2_root("/sys/fs/cgroup")
-        if cg2 is None:
-            pytest.fail("no cgroup v2 hierarchy on this machine (needed to attribute by cgroup)")
-        self.uid = str(uuid.uuid4())
-        self.cid = uuid.uuid4().hex + uuid.uuid4().hex
-        self.namespace, self.name, self.container = "shop", "cart-5c8d", "api"
-        slice_ = "kubepods-besteffort-pod%s.slice" % self.uid.replace("-", "_")
-        self.cgroup = os.path.join(cg2, "kubepods.slice", "kubepods-besteffort.slice", slice_,
-                                   "cri-containerd-%s.scope" % self.cid)
-        os.makedirs(self.cgroup)
-        self.pods_dir = os.path.join(tmp, "pods")
-        self.containers_dir = os.path.join(tmp, "containers")
-        logdir = os.path.join(self.pods_dir, "%s_%s_%s" % (self.namespace, self.name, self.uid), self.container)
-        os.makedirs(logdir)
-        os.makedirs(self.containers_dir)
-        open(os.path.join(logdir, "0.log"), "w").close()
-        os.symlink(os.path.join(logdir, "0.log"), os.path.join(
-            self.containers_dir, "%s_%s_%s-%s.log" % (self.name, self.namespace, self.container, self.cid)))
-        self.ns = Netns()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_AS_USER, os.path.join(self.cgroup, "cgroup.procs"), self.ns.path],
-            stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.port = int(self.proc.stdout.readline())
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            assert re.search(r"^Uid:\s+1000\s", f.read(), re.M)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        self.ns.delete()
-        d = self.cgroup
-        for _ in range(50):
-            try:
-                os.rmdir(d)
-                break
-            except OSError:
-                time.sleep(0.1)
-        for _ in range(3):
-            d = os.path.dirname(d)
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
+    p = KubeletPod(tmp, SERVER_AS_USER, name="cart-5c8d")
+    with open("/proc/%d/status" % p.proc.pid) as f:
+        assert re.search(r"^Uid:\s+1000\s", f.read(), re.M)
+    return p
 
 
 def sandbox_script(c: Obj, spec: Obj, rootfs: str, caps: List[str], sources: Dict[str, str],
@@ -765,7 +715,7 @@ def sandbox_script(c: Obj, spec: Obj, rootfs: str, caps: List[str], sources: Dic
 
 
 class SimulatedPod:
-    def __init__(self, objs: Dict[str, Obj], image_prefix: str, pod: UserPod, caps: List[str], tmp: str) -> None:
+    def __init__(self, objs: Dict[str, Obj], image_prefix: str, pod: Any, caps: List[str], tmp: str) -> None:
         spec = objs["DaemonSet"]["spec"]["template"]["spec"]
         c = daemonset_container(objs)
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -863,19 +813,19 @@ def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
 
 
 @pytest.fixture()
-def user_pod(tmp_path: Any) -> Iterator[UserPod]:
+def user_pod(tmp_path: Any) -> Iterator[Any]:
     from realkernel import require_real_kernel
 
     require_real_kernel()
     for tool in ("unshare", "setpriv", "chroot", "ip"):
         if shutil.which(tool) is None:
             pytest.fail("%s is missing (util-linux, coreutils, iproute2)" % tool)
-    p = UserPod(str(tmp_path))
+    p = user_pod_at(str(tmp_path))
     yield p
     p.close()
 
 
-def resets_in(pod: UserPod, n: int) -> None:
+def resets_in(pod: Any, n: int) -> None:
     from netlab import closed_port, connect_refused
 
     with pod.ns.inside():
@@ -884,7 +834,7 @@ def resets_in(pod: UserPod, n: int) -> None:
 
 @pytest.mark.root
 @pytest.mark.parametrize("ptrace", [True, False], ids=["as-manifested", "without-SYS_PTRACE"])
-def test_daemonset_runs_in_a_simulated_pod(base: Dict[str, Obj], image_prefix: str, user_pod: UserPod,
+def test_daemonset_runs_in_a_simulated_pod(base: Dict[str, Obj], image_prefix: str, user_pod: Any,
                                            tmp_path: Any, ptrace: bool) -> None:
     caps = daemonset_container(base)["securityContext"]["capabilities"]["add"]
     if not ptrace:
@@ -911,10 +861,7 @@ def test_daemonset_runs_in_a_simulated_pod(base: Dict[str, Obj], image_prefix: s
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason="rsttrace reads the kernel's counters from its own /proc/net (the pod's "
-                   "netns) and polls overflows of the netns under /proc, not --proc-root: without hostNetwork and "
-                   "hostPID it sees neither the host's counters nor other pods' overflows")
-def test_simulated_pod_sees_the_hosts_counters(base: Dict[str, Obj], image_prefix: str, user_pod: UserPod,
+def test_simulated_pod_sees_the_hosts_counters(base: Dict[str, Obj], image_prefix: str, user_pod: Any,
                                                 tmp_path: Any) -> None:
     from rsttrace import procnet
 
@@ -931,9 +878,7 @@ def test_simulated_pod_sees_the_hosts_counters(base: Dict[str, Obj], image_prefi
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason="rsttrace polls the overflow counters of the network namespaces it finds "
-                   "under /proc (the pod's own), not under --proc-root: other pods' SYN overflows go unseen")
-def test_simulated_pod_sees_other_pods_syn_overflows(base: Dict[str, Obj], image_prefix: str, user_pod: UserPod,
+def test_simulated_pod_sees_other_pods_syn_overflows(base: Dict[str, Obj], image_prefix: str, user_pod: Any,
                                                       tmp_path: Any) -> None:
     from netlab import overflow_accept_queue
 

@@ -228,7 +228,7 @@ def tree_usage(root: Path) -> tuple[int, int]:
     return total, count
 
 
-def make_ext4(tree: Path, image: Path, label: str) -> None:
+def make_ext4(tree: Path, image: Path, label: str, log: IO[str]) -> None:
     """ext4 image of a directory with mke2fs -d: no loop device, no mount."""
     used, inodes = tree_usage(tree)
     # Room for what the guest writes (the project, outputs, pycache) on top
@@ -241,7 +241,7 @@ def make_ext4(tree: Path, image: Path, label: str) -> None:
         # which would then refuse to mount the root read-write.
         cmd += ["-O", "^orphan_file"]
     cmd += [str(image), f"{size_mib}M"]
-    subprocess.run(cmd, check=True)
+    run_logged(cmd, log)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -443,9 +443,7 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
             shutil.copy2(vmlinuz, work / "vmlinuz")
             shutil.copy2(initrd, work / "initrd.img")
             t0 = time.monotonic()
-            log.write("+ mke2fs\n")
-            log.flush()
-            make_ext4(root, work / "root.img", "rsttrace-root")
+            make_ext4(root, work / "root.img", "rsttrace-root", log)
             t_mke2fs = time.monotonic() - t0
         remove_tree(root)
         seconds = time.monotonic() - start
@@ -738,12 +736,23 @@ def boot_and_run(
     return outcome
 
 
+def split_marker(line: str) -> tuple[str, str | None]:
+    """(console text before the rig's marker, the marker's message or None).
+
+    The marker is looked for anywhere in the line: a command whose output
+    does not end in a newline leaves it glued to the end of that output."""
+    idx = line.find(MARK)
+    if idx < 0:
+        return line, None
+    return line[:idx], line[idx + len(MARK) :].strip()
+
+
 def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: Path) -> tuple[int | None, float, str]:
     """Run qemu, stream the console, return (status line, seconds, note)."""
     start = time.monotonic()
     status: int | None = None
     result_at: float | None = None
-    note = ""
+    timed_out = threading.Event()
     with open(log_path, "w") as log:
         log.write("+ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         proc = subprocess.Popen(
@@ -752,7 +761,12 @@ def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: 
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        timer = threading.Timer(boot.timeout, proc.kill)
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(boot.timeout, kill)
         timer.start()
         in_command = False
         try:
@@ -761,25 +775,22 @@ def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: 
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
                 log.write(line + "\n")
                 log.flush()
-                if line.startswith(MARK):
-                    rest = line[len(MARK) :].strip()
-                    if rest.startswith("begin"):
-                        in_command = True
-                        say(
-                            release.label,
-                            f"booted in {time.monotonic() - start:.1f} s: {rest[5:].strip()}",
-                        )
-                        continue
-                    m = re.fullmatch(r"status (\d+)", rest)
-                    if m:
-                        status = int(m.group(1))
-                        result_at = time.monotonic()
-                        in_command = False
-                        continue
-                    say(release.label, rest)
+                text, msg = split_marker(line)
+                if (msg is None or text.strip()) and (in_command or boot.verbose):
+                    say(release.label, text)
+                if msg is None:
                     continue
-                if in_command or boot.verbose:
-                    say(release.label, line)
+                if msg.startswith("begin"):
+                    in_command = True
+                    say(release.label, f"booted in {time.monotonic() - start:.1f} s: {msg[5:].strip()}")
+                    continue
+                m = re.fullmatch(r"status (\d+)", msg)
+                if m:
+                    status = int(m.group(1))
+                    result_at = time.monotonic()
+                    in_command = False
+                    continue
+                say(release.label, msg)
             proc.wait()
         finally:
             timer.cancel()
@@ -787,8 +798,9 @@ def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: 
                 proc.kill()
                 proc.wait()
     elapsed = (result_at or time.monotonic()) - start
-    if status is None and time.monotonic() - start >= boot.timeout:
-        note = f"timed out after {boot.timeout:.0f} s"
+    note = f"timed out after {boot.timeout:.0f} s" if timed_out.is_set() and status is None else ""
+    if not note and status is None and proc.returncode not in (0, None):
+        note = f"qemu exited with status {proc.returncode}"
     return status, elapsed, note
 
 
@@ -827,7 +839,10 @@ def kvm_usable(image: Image, cache: Path) -> bool:
         ok = out.returncode == 0 and b"Kernel panic" in out.stdout
     except subprocess.TimeoutExpired:
         ok = False
-    probe_file.write_text(json.dumps({"kvm": ok}) + "\n")
+    try:
+        probe_file.write_text(json.dumps({"kvm": ok}) + "\n")
+    except OSError:
+        pass  # a read-only shared cache: probe again next time
     return ok
 
 
@@ -944,7 +959,7 @@ def human_bytes(n: object) -> str:
 def main(argv: Sequence[str]) -> int:
     try:
         return _main(parse_args(argv))
-    except RigError as e:
+    except (RigError, OSError, subprocess.CalledProcessError) as e:
         print(f"rig: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

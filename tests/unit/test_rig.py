@@ -176,3 +176,11 @@ def test_env_script_is_sourceable(tmp_path: Path) -> None:
         check=True,
     )
     assert out.stdout == "5.10 bullseye a 'b'\n"
+
+
+def test_split_marker() -> None:
+    assert riglib.split_marker("plain output") == ("plain output", None)
+    assert riglib.split_marker("") == ("", None)
+    assert riglib.split_marker("RSTTRACE-RIG: status 3") == ("", "status 3")
+    # output without a trailing newline glued to the marker line
+    assert riglib.split_marker("no newlineRSTTRACE-RIG: status 0") == ("no newline", "status 0")

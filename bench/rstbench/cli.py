@@ -55,7 +55,8 @@ STAT_EVENTS, STAT_RINGBUF_FULL = 0, 1
 
 @dataclass
 class Params:
-    rounds: int
+    rounds: int  # closed storm
+    rounds_other: int  # abort and overflow storms
     duration: float
     modes: List[str]
     procs: int
@@ -71,11 +72,11 @@ class Params:
     profile_seconds: float
 
 
-FULL = Params(rounds=5, duration=5.0, modes=["closed", "abort", "overflow"], procs=0, sweep_step=3.0,
+FULL = Params(rounds=5, rounds_other=3, duration=5.0, modes=["closed", "abort", "overflow"], procs=0, sweep_step=3.0,
               sweep_start=25000.0, sweep_max_steps=12, kernel_duration=5.0,
               kernel_configs=["counters", "trace_all", "bpftrace"], rss_events=10_000_000, rss_peers=1_000_000,
               rss_chunk=500_000, rss_budget=600.0, profile_seconds=8.0)
-QUICK = Params(rounds=1, duration=1.0, modes=["closed"], procs=0, sweep_step=1.0, sweep_start=20000.0,
+QUICK = Params(rounds=1, rounds_other=1, duration=1.0, modes=["closed"], procs=0, sweep_step=1.0, sweep_start=20000.0,
                sweep_max_steps=1, kernel_duration=1.0, kernel_configs=["trace_all"], rss_events=40_000,
                rss_peers=10_000, rss_chunk=10_000, rss_budget=10.0, profile_seconds=0.0)
 
@@ -103,6 +104,7 @@ class RoundResult:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, params: Params) -> None:
+        self.t0 = time.monotonic()
         self.args = args
         self.p = params
         self.out_dir = args.out
@@ -132,7 +134,7 @@ class Bench:
                  % (self.ns.name, self.ns.inode, self.storm_exe, self.procs))
 
     def log(self, msg: str) -> None:
-        sys.stderr.write("bench: %s\n" % msg)
+        sys.stderr.write("bench: %5.1f s %s\n" % (time.monotonic() - self.t0, msg))
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -144,25 +146,28 @@ class Bench:
         ready = r.wait_ready(120)
         return r, ready
 
+    # --- phase 1 ---------------------------------------------------------------------------
+    def pick_bpftrace(self) -> None:
+        if self.tools.get("bpftrace") and "program" not in self.bpftrace:
+            self.bpftrace = pick_bpftrace_program(str(self.tools["bpftrace"]))
+            self.log("bpftrace: %s" % (self.bpftrace.get("program") or "no one-liner compiled"))
+        self.results["bpftrace"] = self.bpftrace
+
     def available(self, key: str) -> bool:
         if key == "bpftrace":
+            self.pick_bpftrace()
             return bool(self.bpftrace.get("program"))
         if key == "tcpdump":
             return bool(self.tools.get("tcpdump"))
         return True
 
-    # --- phase 1 ---------------------------------------------------------------------------
     def throughput(self) -> None:
-        if self.tools.get("bpftrace"):
-            self.bpftrace = pick_bpftrace_program(str(self.tools["bpftrace"]))
-            self.log("bpftrace: %s" % (self.bpftrace.get("program") or "no one-liner compiled"))
-        self.results["bpftrace"] = self.bpftrace
         keys = [k for k in self.configs if self.available(k)]
         self.results["configs"] = {k: self.configs[k].label for k in keys}
         self.results["unavailable"] = [k for k in self.configs if k not in keys]
         storm(self.storm_exe, self.ns, "closed", self.procs, 1.0)  # warm-up: caches, allocator pools
         for mode in self.p.modes:
-            for rnd in range(self.p.rounds):
+            for rnd in range(self.p.rounds if mode == "closed" else self.p.rounds_other):
                 order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
                 for key in order:
                     res = self.one(self.configs[key], mode, rnd)
@@ -250,16 +255,20 @@ class Bench:
         self.results["kernel"] = kernel
 
     def sweep(self, running: Running, mid: int) -> Tuple[List[Dict[str, Any]], float]:
-        """Step the event rate up until events are lost or the generator cannot keep the pace."""
+        """The highest event rate rsttrace takes with no loss: step the rate up by 1.4x (or down
+        by 2x while even the first is lossy), then bisect twice between the best lossless and the
+        lowest lossy rate."""
         per_it = EVENTS_PER_ITERATION["closed"]
         rate = self.p.sweep_start
         steps: List[Dict[str, Any]] = []
         best, bad = 0.0, 0.0
-        for i in range(self.p.sweep_max_steps + 3):
-            if i >= self.p.sweep_max_steps:
-                if not bad or not best or bad / best < 1.1:
-                    break
-                rate = (best + bad) / 2  # two bisection steps between the last good and first bad
+        searching, bisections = self.p.sweep_max_steps, 2
+        while searching > 0 or (bisections > 0 and best and bad and bad / best > 1.1):
+            if searching > 0:
+                searching -= 1
+            else:
+                bisections -= 1
+                rate = (best + bad) / 2
             ev0, lost0 = self.read_stats(mid)
             cpu0 = running.launch.cpu() if running.launch else None
             s = storm(self.storm_exe, self.ns, "closed", 1, self.p.sweep_step, rate=rate / per_it)
@@ -268,21 +277,22 @@ class Bench:
             cpu1 = running.launch.cpu() if running.launch else None
             achieved = s.iterations * per_it / s.seconds
             lost = lost1 - lost0
-            step = {"target": rate, "achieved": achieved, "submitted": ev1 - ev0, "lost": lost,
-                    "cpu_s": (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
-                    "seconds": s.seconds}
-            steps.append(step)
+            steps.append({"target": rate, "achieved": achieved, "submitted": ev1 - ev0, "lost": lost,
+                          "cpu_s": (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
+                          "seconds": s.seconds})
             self.log("python sweep: target %.0f ev/s achieved %.0f lost %d" % (rate, achieved, lost))
             if lost == 0 and achieved >= 0.9 * rate:
                 best = max(best, achieved)
-                if i < self.p.sweep_max_steps:
-                    rate *= 1.4
+                if bad:
+                    searching = 0
+                rate *= 1.4
+            elif lost == 0:
+                break  # the generator cannot go faster: nothing above to find
             else:
-                bad = rate if not bad else min(bad, rate)
-                if lost == 0:  # the generator could not go faster: nothing above it to find
-                    break
-                if i < self.p.sweep_max_steps:
-                    self.p.sweep_max_steps = i + 1  # go straight to bisection
+                bad = min(bad, rate) if bad else rate
+                if best or rate < 2000:
+                    searching = 0
+                rate /= 2
         return steps, best
 
     def saturate(self, running: Running, mid: Optional[int]) -> Dict[str, Any]:
@@ -295,14 +305,23 @@ class Bench:
         prof: Dict[str, Any] = {}
         ev0, lost0 = self.read_stats(mid)
         cpu0 = running.launch.cpu()
-        th = None
+        threads = []
+        svg: Dict[str, Any] = {}
         if pyspy:
-            th = threading.Thread(target=lambda: prof.update(
-                profile.record(pyspy, running.launch.pid if running.launch else 0, dur - 1.0, self.out_dir)))
-            th.start()
+            pid = running.launch.pid
+
+            def record_into(sink: Dict[str, Any], fmt: str) -> None:
+                sink.update(profile.record(str(pyspy), pid, dur - 1.0, self.out_dir, fmt))
+
+            # Folded stacks for the tallies and a flame graph to look at, sampled side by side.
+            for fmt, sink in (("raw", prof), ("flamegraph", svg)):
+                th = threading.Thread(target=record_into, args=(sink, fmt))
+                th.start()
+                threads.append(th)
         s = storm(self.storm_exe, self.ns, "closed", 1, dur)
-        if th:
+        for th in threads:
             th.join(60)
+        prof["svg"] = svg.get("file") or svg.get("error")
         time.sleep(0.3)
         ev1, lost1 = self.read_stats(mid)
         cpu1 = running.launch.cpu()
@@ -374,9 +393,9 @@ class Bench:
                                 "t": round(time.monotonic() - started, 1)})
                 self.log("memory %s: %d events through, %d lost, RSS %s KiB"
                          % (cfg.key, through, lost, m.get("VmRSS")))
-                # Done when the events went through Python; or, where Python falls so far behind
-                # that would take ages, when 3x as many were made (the report says so).
-                if through >= self.p.rss_events or iterations * per_it >= 3 * self.p.rss_events:
+                # Done when the storm made the events; how many of them Python took (the rest
+                # were lost and counted) is reported beside the memory.
+                if iterations * per_it >= self.p.rss_events:
                     break
         finally:
             rep = running.finish()
@@ -403,7 +422,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small run (under a minute): checks the bench works")
-    p.add_argument("--rounds", type=int, help="rounds per storm mode (full: 5)")
+    p.add_argument("--rounds", type=int, help="rounds per storm mode (full: 5 closed, 3 abort and overflow)")
     p.add_argument("--duration", type=float, help="seconds per storm (full: 5)")
     p.add_argument("--modes", help="storm modes, comma list: closed,abort,overflow (full: all)")
     p.add_argument("--procs", type=int, default=0, help="storm processes (default: one per core)")
@@ -423,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = QUICK if args.quick else FULL
     params = Params(**asdict(base))
     if args.rounds:
-        params.rounds = args.rounds
+        params.rounds = params.rounds_other = args.rounds
     if args.duration:
         params.duration = args.duration
     if args.modes:

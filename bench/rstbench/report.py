@@ -141,9 +141,9 @@ def _header(results: Dict[str, Any]) -> List[str]:
         "rsttrace bench %s: kernel %s, %s cores (%s)%s" % (
             results.get("date", "?"), m.get("kernel", "?"), m.get("cores", "?"), m.get("cpu", "?"),
             ", QUICK (figures mean nothing)" if results.get("quick") else ""),
-        "storm: %s processes x %.0f s per configuration per round, %d rounds, order rotated each round; "
-        "ratio = storm iterations/s traced / untraced in the same round" % (
-            results.get("procs", "?"), p.get("duration", 0), p.get("rounds", 0)),
+        "storm: %s processes x %.0f s per configuration per round, %d rounds (closed), %d (abort, overflow), "
+        "order rotated each round; ratio = storm iterations/s traced / untraced in the same round" % (
+            results.get("procs", "?"), p.get("duration", 0), p.get("rounds", 0), p.get("rounds_other", 0)),
     ]
     lb, la = results.get("load_before", {}), results.get("load_after", {})
     if lb or la:
@@ -181,7 +181,7 @@ def _sections(results: Dict[str, Any], md: bool) -> List[str]:
     lines.append("")
     lines.append("targets:")
     for name, ok, figure in targets(results):
-        lines.append("  %-9s %-58s %s" % ({True: "met", False: "NOT MET", None: "n/a"}[ok], name, figure))
+        lines.append("  %-9s %-66s %s" % ({True: "met", False: "NOT MET", None: "n/a"}[ok], name, figure))
     return lines
 
 
@@ -220,7 +220,7 @@ def details(results: Dict[str, Any]) -> List[str]:
                       for p in k.get("programs", []))))
     for m in results.get("memory", []):
         rss = [s["rss_kib"] for s in m.get("samples", []) if s.get("rss_kib")]
-        lines.append("memory, %s: %s events through Python (%s generated, %s lost) over %s peers: RSS %s MiB at "
+        lines.append("memory, %s: %s events through Python (of %s made, %s lost) over %s peers: RSS %s MiB at "
                      "start, %s after the first chunk, %s at the end, peak %s MiB; growth after the first chunk "
                      "%.1f MiB (%s)" % (
                          m["config"], _si(m["events_through"]), _si(m["events_generated"]), _si(m["lost"]),
@@ -284,17 +284,22 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, Optional[bool], str]]:
         out.append(("start to attached <= 2 s", max(ready) <= 2.0,
                     "median %.2f s, max %.2f s" % (statistics.median(ready), max(ready))))
     for k in results.get("kernel", []):
-        if k["config"] == "trace_all" and k.get("ns_per_run") is not None:
-            out.append(("in-kernel cost <= 200 ns per run (every-event mode)", k["ns_per_run"] <= 200,
-                        "%.0f ns" % k["ns_per_run"]))
+        # Per event: the reset programs' runs (kfree_skb runs for every dropped packet and
+        # leaves at once for all but listen overflows; averaging it in would flatter the figure).
+        if k["config"] in ("trace_all", "counters"):
+            runs = [p for p in k.get("programs", []) if "reset" in p["name"] and p["ns_per_run"] is not None]
+            if runs:
+                worst = max(p["ns_per_run"] for p in runs)
+                out.append(("in-kernel cost <= 200 ns per event, %s (worst reset program)" % k["config"],
+                            worst <= 200, ", ".join("%s %.0f ns" % (p["name"], p["ns_per_run"]) for p in runs)))
     for m in results.get("memory", []):
         hwm = (m.get("hwm_kib") or 0) / 1024
-        done = m["events_through"] >= m["events_target"]
+        done = m["events_generated"] >= m["events_target"]
         out.append(("RSS <= 100 MB and flat, %s, %s events / %s peers" % (
             m["config"], _si(m["events_target"]), _si(m["peers"])),
             hwm <= 100 and bool(m.get("flat")) and done,
             "peak %.0f MiB, %s%s" % (hwm, "flat" if m.get("flat") else "grows",
-                                     "" if done else ", only %s events got through" % _si(m["events_through"]))))
+                                     "" if done else ", only %s events made" % _si(m["events_generated"]))))
     return out
 
 

@@ -117,16 +117,21 @@ class Launch:
         return memory_kib(self.pid)
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
+        # Signal again each second: bpftrace ignores a SIGINT that arrives between its BEGIN
+        # probe and installing its handler.
+        end = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < end:
             try:
                 os.kill(self.pid, self.stop_signal)
             except ProcessLookupError:
-                pass
+                break
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(1.0)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
         for t in self._threads:
             t.join(5)
         return self.proc.returncode

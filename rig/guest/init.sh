@@ -52,6 +52,9 @@ if ! tar -cf /dev/vdc -C /rig/result . 2>/tmp/rig-tar.err; then
 fi
 sync
 echo "RSTTRACE-RIG: status $status"
+# Let the serial port drain: the kernel's own "Power Off" line would
+# otherwise overtake (or cut off) the status line still in the tty buffer.
+sleep 1
 echo o >/proc/sysrq-trigger
 sleep 30
 exit "$status"  # PID 1 exiting panics; panic=-1 -no-reboot then ends qemu

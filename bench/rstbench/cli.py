@@ -21,10 +21,12 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from types import FrameType
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import profile, report
@@ -85,6 +87,7 @@ QUICK = Params(rounds=1, rounds_other=1, duration=1.0, modes=["closed"], procs=0
 class RoundResult:
     mode: str
     round: int
+    pair: int  # the untraced run and the configuration run measured back to back
     config: str
     per_sec: float
     iterations: int
@@ -105,6 +108,7 @@ class RoundResult:
 class Bench:
     def __init__(self, args: argparse.Namespace, params: Params) -> None:
         self.t0 = time.monotonic()
+        self.active: List[Running] = []
         self.args = args
         self.p = params
         self.out_dir = args.out
@@ -138,11 +142,15 @@ class Bench:
         sys.stderr.flush()
 
     def close(self) -> None:
+        for r in self.active:  # after an error or an interrupt: leave nothing running
+            if r.launch is not None and r.launch.proc.poll() is None:
+                r.launch.stop(10)
         self.ns.delete()
 
     # --- helpers ---------------------------------------------------------------------------
     def start(self, cfg: Config) -> Tuple[Running, Optional[float]]:
         r = Running(cfg, self.rsttrace, self.ns, self.tools, self.out_dir, self.bpftrace.get("program"))
+        self.active = [a for a in self.active if a.launch is not None and a.launch.proc.poll() is None] + [r]
         ready = r.wait_ready(120)
         return r, ready
 
@@ -166,17 +174,24 @@ class Bench:
         self.results["configs"] = {k: self.configs[k].label for k in keys}
         self.results["unavailable"] = [k for k in self.configs if k not in keys]
         storm(self.storm_exe, self.ns, "closed", self.procs, 1.0)  # warm-up: caches, allocator pools
+        tools = [k for k in keys if k != "untraced"]
+        pair = 0
         for mode in self.p.modes:
             for rnd in range(self.p.rounds if mode == "closed" else self.p.rounds_other):
-                order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+                order = tools[rnd % len(tools):] + tools[:rnd % len(tools)]
                 for key in order:
-                    res = self.one(self.configs[key], mode, rnd)
-                    self.results["rounds"].append(asdict(res))
-                    self.log("%-8s round %d %-10s %9.0f it/s  out_rsts %d counted %s delivered %s lost %s %s"
-                             % (mode, rnd + 1, key, res.per_sec, res.out_rsts, res.counted, res.delivered,
-                                res.lost, res.detail))
+                    # Each configuration is paired with an untraced storm run just before its
+                    # start, seconds apart: the machine's load (other people's tests, here)
+                    # drifts over a round's minute, far less over a pair's ten seconds.
+                    pair += 1
+                    for k in ("untraced", key):
+                        res = self.one(self.configs[k], mode, rnd, pair)
+                        self.results["rounds"].append(asdict(res))
+                        self.log("%-8s round %d %-10s %9.0f it/s  out_rsts %d counted %s delivered %s lost %s %s"
+                                 % (mode, rnd + 1, k, res.per_sec, res.out_rsts, res.counted, res.delivered,
+                                    res.lost, res.detail))
 
-    def one(self, cfg: Config, mode: str, rnd: int) -> RoundResult:
+    def one(self, cfg: Config, mode: str, rnd: int, pair: int) -> RoundResult:
         running, ready = self.start(cfg)
         pid = running.pid
         own = owned_bpf(pid)[0] if pid else set()
@@ -193,7 +208,7 @@ class Bench:
         after = self.ns.counters()
         rep = running.finish()
         return RoundResult(
-            mode=mode, round=rnd + 1, config=cfg.key, per_sec=s.per_sec, iterations=s.iterations,
+            mode=mode, round=rnd + 1, pair=pair, config=cfg.key, per_sec=s.per_sec, iterations=s.iterations,
             seconds=s.seconds, storm_errors=s.errors, out_rsts=delta(before, after, "Tcp", "OutRsts"),
             counted=rep.counted, delivered=rep.delivered, lost=rep.lost,
             cpu_s=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
@@ -434,6 +449,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _interrupt(_sig: int, _frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -455,6 +474,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out = args.out or os.path.join(HERE, "out", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(args.out, exist_ok=True)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    # SIGTERM, and SIGINT even where a shell started us in the background with it ignored,
+    # unwind through the cleanup: tools stopped, namespace deleted, results written.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
         bench = Bench(args, params)
@@ -471,6 +494,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BenchError, RuntimeError) as e:
         sys.stderr.write("bench: error: %s\n" % e)
         return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("bench: interrupted; partial results kept\n")
+        return 130
     finally:
         bench.close()
         bench.results["load_after"] = load()

@@ -44,12 +44,18 @@ def rows(results: Dict[str, Any]) -> List[Row]:
     out: List[Row] = []
     modes = list(dict.fromkeys(r["mode"] for r in rounds))
     for mode in modes:
-        base = {r["round"]: r["per_sec"] for r in rounds if r["mode"] == mode and r["config"] == "untraced"}
+        # Each configuration's run against the untraced run of its pair (back to back); the
+        # untraced row shows each untraced run against their median: the machine's own noise.
+        base = {r["pair"]: r["per_sec"] for r in rounds if r["mode"] == mode and r["config"] == "untraced"}
+        base_median = statistics.median(base.values()) if base else 0.0
         for key, label in labels.items():
             mine = [r for r in rounds if r["mode"] == mode and r["config"] == key]
             if not mine:
                 continue
-            ratios = [r["per_sec"] / base[r["round"]] for r in mine if base.get(r["round"])]
+            if key == "untraced":
+                ratios = [r["per_sec"] / base_median for r in mine if base_median]
+            else:
+                ratios = [r["per_sec"] / base[r["pair"]] for r in mine if base.get(r["pair"])]
             out.append(Row(
                 mode=mode, config=key, label=label, ratios=ratios,
                 per_sec=statistics.median(r["per_sec"] for r in mine),
@@ -141,8 +147,9 @@ def _header(results: Dict[str, Any]) -> List[str]:
         "rsttrace bench %s: kernel %s, %s cores (%s)%s" % (
             results.get("date", "?"), m.get("kernel", "?"), m.get("cores", "?"), m.get("cpu", "?"),
             ", QUICK (figures mean nothing)" if results.get("quick") else ""),
-        "storm: %s processes x %.0f s per configuration per round, %d rounds (closed), %d (abort, overflow), "
-        "order rotated each round; ratio = storm iterations/s traced / untraced in the same round" % (
+        "storm: %s processes x %.0f s per run, %d rounds (closed), %d (abort, overflow), order rotated each "
+        "round; ratio = iterations/s traced / untraced run just before it (untraced row: each run / their "
+        "median, i.e. the machine's noise)" % (
             results.get("procs", "?"), p.get("duration", 0), p.get("rounds", 0), p.get("rounds_other", 0)),
     ]
     lb, la = results.get("load_before", {}), results.get("load_after", {})

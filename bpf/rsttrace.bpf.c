@@ -495,6 +495,7 @@ static __always_inline int kp_send_reset(struct pt_regs *ctx)
 	e.ktime_ns = bpf_ktime_get_ns();
 	e.kind = RSTTRACE_KIND_SENT;
 	e.reason = RSTTRACE_REASON_NONE;
+	e.flags = RSTTRACE_F_KPROBE;
 	skb_tuple(skb, &e); /* the packet came in: its source is the remote side */
 	if (sk) {
 		e.netns = sk_netns(sk);
@@ -547,6 +548,7 @@ static __always_inline int kp_overflow(struct pt_regs *ctx, const void *sk, cons
 	e.ktime_ns = bpf_ktime_get_ns();
 	e.kind = kind;
 	e.reason = RSTTRACE_REASON_NONE;
+	e.flags = RSTTRACE_F_KPROBE;
 	e.state = sk_state(sk);
 	e.netns = sk_netns(sk);
 	sk_local(sk, &e);

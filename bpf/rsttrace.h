@@ -37,6 +37,8 @@ enum rsttrace_flags {
 	RSTTRACE_F_PEER_FROM_SKB = 1 << 2,
 	/* No socket: the network namespace is the receiving device's. */
 	RSTTRACE_F_NETNS_FROM_DEV = 1 << 3,
+	/* Seen by a kprobe (older kernels' gaps), not a tracepoint. */
+	RSTTRACE_F_KPROBE = 1 << 4,
 };
 
 struct rsttrace_event {

@@ -41,7 +41,7 @@ class Event:
     cookie: Optional[int]
     pid: Optional[int]
     comm: Optional[str]
-    source: str = "tracepoint"  # or "counters" for counter-derived overflow events
+    source: str = "tracepoint"  # "kprobe" where older kernels need one, "counters" for counter-derived
     count: int = 1
     backlog: Optional[int] = None
     max_backlog: Optional[int] = None
@@ -165,4 +165,5 @@ def decode(raw: c.RawEvent, facts: KernelFacts, clock: Clock) -> Event:
         max_backlog=raw.max_backlog or None,
         cgroup_id=raw.cgroup_id or None,
         peer_from_packet=bool(raw.flags & c.F_PEER_FROM_SKB),
+        source="kprobe" if raw.flags & c.F_KPROBE else "tracepoint",
     )

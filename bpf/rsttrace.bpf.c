@@ -32,7 +32,8 @@ BPF_RINGBUF_OUTPUT(events, RSTTRACE_RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
-BPF_PERCPU_HASH(counters, struct rsttrace_counter_key, u64, RSTTRACE_COUNTER_ENTRIES);
+/* BPF_TABLE rather than BPF_PERCPU_HASH, which bcc 0.18 (Debian 11) does not define */
+BPF_TABLE("percpu_hash", struct rsttrace_counter_key, u64, counters, RSTTRACE_COUNTER_ENTRIES);
 /* Where a count goes when "counters" is full, by kind: nothing counted is ever dropped. */
 BPF_PERCPU_ARRAY(counters_spill, u64, RSTTRACE_KIND_MAX);
 BPF_PERCPU_ARRAY(stats, u64, RSTTRACE_STAT_MAX);

@@ -70,6 +70,7 @@ class OverflowPoller:
         # Traced-ACK totals are keyed by inode in the BPF map and so carry over from a dead
         # namespace to the next one given the same inode: remember where each inode stood.
         self.ack_seen: Dict[int, int] = {}
+        self.prev_cum: Dict[int, int] = {}
         self.polled = False
         self.totals = OverflowTotals()
         self.errors: List[str] = []
@@ -125,6 +126,13 @@ class OverflowPoller:
                 "TCPReqQFullDrop": cur["TCPReqQFullDrop"] - base["TCPReqQFullDrop"],
                 "TCPReqQFullDoCookies": cur["TCPReqQFullDoCookies"] - base["TCPReqQFullDoCookies"],
             }
+            if traced is not None:
+                # A traced overflow reaches the BPF count a moment before the kernel's counter (a
+                # kprobe on entry) or after it (kfree_skb), so one reading can be off by those in
+                # flight; emit only what two consecutive readings agree on.
+                prev = self.prev_cum.get(ino)
+                self.prev_cum[ino] = cum["ListenOverflows"]
+                cum["ListenOverflows"] = min(cum["ListenOverflows"], prev if prev is not None else 0)
             new = {name: total - self.emitted.get((ino, name), 0) for name, total in cum.items()}
             if all(n <= 0 for n in new.values()):
                 continue
@@ -148,6 +156,7 @@ class OverflowPoller:
 
     def _forget(self, ino: int) -> None:
         self.base.pop(ino, None)
+        self.prev_cum.pop(ino, None)
         for name in WATCHED:
             self.emitted.pop((ino, name), None)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from . import contract as c
 from .kernel import KernelFacts
@@ -82,22 +82,45 @@ class Event:
 
 
 class Clock:
-    """Turns CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) into wall-clock ISO 8601."""
+    """Turns CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) into wall-clock ISO 8601.
+
+    The text up to the second is computed once per second; the microseconds are appended. The
+    result equals ``datetime.fromtimestamp(us / 1e6, timezone.utc).isoformat(timespec=
+    "microseconds")`` with ``Z``: within this epoch's range a double holds the microseconds
+    exactly enough for that rounding to land on the integer (tests compare both).
+    """
 
     def __init__(self) -> None:
         self.offset_ns = time.time_ns() - time.monotonic_ns()
+        self._second: Tuple[int, str] = (-1, "")  # one tuple, so another thread sees a matching pair
 
     def iso(self, ktime_ns: int) -> str:
-        ns = ktime_ns + self.offset_ns
-        dt = datetime.fromtimestamp(ns // 1000 / 1e6, tz=timezone.utc)
-        return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        sec, us = divmod((ktime_ns + self.offset_ns) // 1000, 1000000)
+        second = self._second
+        if second[0] != sec:
+            second = self._second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+        return "%s%06dZ" % (second[1], us)
 
 
-def fmt_addr(family: int, raw: ctypes.Array[ctypes.c_uint8]) -> Optional[str]:
+ADDR_CACHE_MAX = 4096  # distinct addresses remembered; a port scan from 1 M peers stays this small
+_addr_cache: Dict[bytes, str] = {}
+
+
+def _ntop(key: bytes) -> str:
+    """An address's text from its 4 (IPv4) or 16 (IPv6) bytes, cached: a storm repeats a few."""
+    text = _addr_cache.get(key)
+    if text is None:
+        if len(_addr_cache) >= ADDR_CACHE_MAX:
+            _addr_cache.clear()  # bounded: cheaper than LRU bookkeeping, and refills at once
+        text = _addr_cache[key] = socket.inet_ntop(socket.AF_INET if len(key) == 4 else socket.AF_INET6, key)
+    return text
+
+
+def fmt_addr(family: int, raw: Union[bytes, ctypes.Array[ctypes.c_uint8]]) -> Optional[str]:
     if family == c.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, bytes(raw[:4]))
+        return _ntop(bytes(raw[:4]))
     if family == c.AF_INET6:
-        return socket.inet_ntop(socket.AF_INET6, bytes(raw))
+        return _ntop(bytes(raw[:16]))
     return None
 
 
@@ -137,33 +160,78 @@ def name_reason(
     return None, None
 
 
-def decode(raw: c.RawEvent, facts: KernelFacts, clock: Clock) -> Event:
-    kind = c.KIND_NAMES.get(raw.kind, "unknown:%d" % raw.kind)
-    state = facts.state_name(raw.state)
-    reason_raw = None if raw.reason == c.REASON_NONE else int(raw.reason)
-    reason, source = name_reason(facts, kind, reason_raw, state, raw.flags)
-    family = raw.family
-    process = bool(raw.flags & c.F_PROCESS)
-    return Event(
-        time=clock.iso(raw.ktime_ns),
-        ktime_ns=raw.ktime_ns,
-        kind=kind,
-        reason=reason,
-        reason_raw=reason_raw,
-        reason_source=source,
-        state=state,
-        family=FAMILY_NAMES.get(family),
-        laddr=fmt_addr(family, raw.laddr),
-        lport=raw.lport if family else None,
-        raddr=fmt_addr(family, raw.raddr),
-        rport=raw.rport if family else None,
-        netns=raw.netns or None,
-        cookie=raw.cookie or None,
-        pid=raw.pid if process else None,
-        comm=raw.comm.decode("utf-8", "replace") if process else None,
-        backlog=raw.backlog if raw.max_backlog else None,
-        max_backlog=raw.max_backlog or None,
-        cgroup_id=raw.cgroup_id or None,
-        peer_from_packet=bool(raw.flags & c.F_PEER_FROM_SKB),
-        source="kprobe" if raw.flags & c.F_KPROBE else "tracepoint",
-    )
+# One unpack of the whole record instead of 20 ctypes attribute reads. "=": native byte order
+# (as ctypes and the BPF program use) without alignment padding; RawEvent has explicit padding.
+RAW = struct.Struct("=QQQIIIIIHHHHBB2x16s16s16s")
+RAW_SIZE = RAW.size
+if ctypes.sizeof(c.RawEvent) != RAW_SIZE:  # not an assert: python -O must not skip it
+    raise ImportError("events.RAW (%d bytes) does not match contract.RawEvent (%d)" % (
+        RAW_SIZE, ctypes.sizeof(c.RawEvent)))
+
+_PROCESS, _KPROBE, _PEER = c.F_PROCESS, c.F_KPROBE, c.F_PEER_FROM_SKB
+_AF_INET, _AF_INET6 = c.AF_INET, c.AF_INET6
+_NAMES_MAX = 4096  # (kind, reason, state, flags) combinations: a few dozen in practice
+_Names = Tuple[str, Optional[str], Optional[int], Optional[str], Optional[str], str, bool, bool]
+
+
+class Decoder:
+    """Raw records to Events for one kernel's facts and clock, names cached per combination.
+
+    The cache assumes ``facts`` is not changed after the first decode (it is filled once, by
+    ``kernel.gather``).
+    """
+
+    def __init__(self, facts: KernelFacts, clock: Clock) -> None:
+        self.facts = facts
+        self.clock = clock
+        self._names: Dict[Tuple[int, int, int, int], _Names] = {}
+
+    def _name(self, kind_raw: int, reason: int, state_raw: int, flags: int) -> _Names:
+        kind = c.KIND_NAMES.get(kind_raw, "unknown:%d" % kind_raw)
+        state = self.facts.state_name(state_raw)
+        reason_raw = None if reason == c.REASON_NONE else int(reason)
+        rname, source = name_reason(self.facts, kind, reason_raw, state, flags)
+        names = (kind, rname, reason_raw, source, state, "kprobe" if flags & _KPROBE else "tracepoint",
+                 bool(flags & _PROCESS), bool(flags & _PEER))
+        if len(self._names) >= _NAMES_MAX:
+            self._names.clear()
+        self._names[(kind_raw, reason, state_raw, flags)] = names
+        return names
+
+    def decode(self, data: bytes) -> Event:
+        (ktime_ns, cookie, cgroup_id, netns, pid, reason, backlog, max_backlog, kind_raw, family, lport,
+         rport, state_raw, flags, laddr, raddr, comm) = RAW.unpack_from(data)
+        names = self._names.get((kind_raw, reason, state_raw, flags))
+        if names is None:
+            names = self._name(kind_raw, reason, state_raw, flags)
+        kind, rname, reason_raw, source, state, hook, process, peer = names
+        if family == _AF_INET:
+            fam: Optional[str] = "ipv4"
+            la: Optional[str] = _ntop(laddr[:4])
+            ra: Optional[str] = _ntop(raddr[:4])
+        elif family == _AF_INET6:
+            fam, la, ra = "ipv6", _ntop(laddr), _ntop(raddr)
+        else:
+            fam = la = ra = None
+        return Event(
+            self.clock.iso(ktime_ns), ktime_ns, kind, rname, reason_raw, source, state, fam,
+            la, lport if family else None, ra, rport if family else None,
+            netns or None, cookie or None,
+            pid if process else None,
+            comm.split(b"\0", 1)[0].decode("utf-8", "replace") if process else None,
+            hook, 1,
+            backlog if max_backlog else None, max_backlog or None, cgroup_id or None, peer,
+        )
+
+
+_decoders: Dict[Tuple[int, int], Decoder] = {}
+
+
+def decode(raw: Union[bytes, c.RawEvent], facts: KernelFacts, clock: Clock) -> Event:
+    """One raw record (bytes as the tracer hands them, or a RawEvent) to an Event."""
+    d = _decoders.get((id(facts), id(clock)))
+    if d is None:
+        if len(_decoders) >= 16:
+            _decoders.clear()  # the Decoder holds facts and clock, so their ids stay theirs meanwhile
+        d = _decoders[(id(facts), id(clock))] = Decoder(facts, clock)
+    return d.decode(raw if type(raw) is bytes else bytes(raw))

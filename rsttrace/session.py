@@ -99,7 +99,7 @@ class Session:
                 break
 
     # --- events ------------------------------------------------------------------------
-    def _on_raw(self, raw: c.RawEvent) -> None:
+    def _on_raw(self, raw: bytes) -> None:
         self.deliver(decode(raw, self.facts, self.clock))
 
     def deliver(self, ev: Event) -> None:

@@ -56,7 +56,7 @@ class Tracer:
     ringbuf: bool = False  # decided at start: kernel support, bcc support, options
     mounted: List[str] = field(default_factory=list)  # what start() had to mount
     _bcc: Optional[ModuleType] = None
-    _callback: Optional[Callable[[c.RawEvent], None]] = None
+    _callback: Optional[Callable[[bytes], None]] = None
     # Scrapes read the maps from HTTP threads while the main thread may be closing them.
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -82,7 +82,7 @@ class Tracer:
     def source(self) -> str:
         return codegen.program(self.facts, self.extra_macros())
 
-    def start(self, callback: Optional[Callable[[c.RawEvent], None]] = None) -> None:
+    def start(self, callback: Optional[Callable[[bytes], None]] = None) -> None:
         """Compile and attach. Raises TracerError with a one-line fix on failure."""
         try:
             bcc = import_bcc()
@@ -165,10 +165,12 @@ class Tracer:
 
     def _open_buffer(self) -> None:
         cb = self._callback
+        rec_size = ctypes.sizeof(c.RawEvent)
+        string_at = ctypes.string_at
 
         def on_event(_ctx: Any, data: Any, _size: int) -> int:
             if cb is not None:
-                cb(ctypes.cast(data, ctypes.POINTER(c.RawEvent)).contents)
+                cb(string_at(data, rec_size))  # the record's bytes: events.decode unpacks them at once
             return 0
 
         def on_perf(_cpu: int, data: Any, size: int) -> None:

@@ -65,19 +65,58 @@ static __always_inline void count(struct rsttrace_counter_key *key)
 	}
 }
 
-static __always_inline void emit(void *ctx, struct rsttrace_event *e)
+#ifdef RSTTRACE_RATE_PER_CPU
+/* The default event budget: at most RSTTRACE_RATE_PER_CPU events a second on each CPU (a fixed
+ * one-second window: no division, no lock). What it holds back is counted, never lost from the
+ * counters, which are updated before this is asked. */
+struct rsttrace_window {
+	u64 start;
+	u64 count;
+};
+BPF_PERCPU_ARRAY(event_window, struct rsttrace_window, 1);
+#endif
+
+/*
+ * Whether this event goes to user space: the filters, then the rate limit. Programs count first,
+ * then ask this, and only then do the reads that only an event needs (addresses, owner, cookie,
+ * cgroup): a storm that the budget holds back costs little more than counting it.
+ */
+static __always_inline int admit(struct rsttrace_event *e)
 {
 #ifdef RSTTRACE_NO_EVENTS
-	return;
+	return 0;
 #endif
 #ifdef RSTTRACE_KIND_MASK
 	if (!(RSTTRACE_KIND_MASK & (1 << e->kind)))
-		return;
+		return 0;
 #endif
 #ifdef RSTTRACE_NETNS_FILTER
 	if (e->netns != RSTTRACE_NETNS_FILTER)
-		return;
+		return 0;
 #endif
+	e->ktime_ns = bpf_ktime_get_ns();
+#ifdef RSTTRACE_RATE_PER_CPU
+	{
+		u32 zero = 0;
+		struct rsttrace_window *w = event_window.lookup(&zero);
+		if (w) {
+			if (e->ktime_ns - w->start >= 1000000000ULL) {
+				w->start = e->ktime_ns;
+				w->count = 0;
+			}
+			if (w->count >= RSTTRACE_RATE_PER_CPU) {
+				stat_inc(RSTTRACE_STAT_SUPPRESSED);
+				return 0;
+			}
+			w->count++;
+		}
+	}
+#endif
+	return 1;
+}
+
+static __always_inline void emit(void *ctx, struct rsttrace_event *e)
+{
 #ifdef RSTTRACE_RINGBUF
 	if (events.ringbuf_output(e, sizeof(*e), 0) != 0) {
 		stat_inc(RSTTRACE_STAT_BUFFER_FULL);
@@ -281,9 +320,17 @@ static __always_inline void count_event(struct rsttrace_event *e)
 	key.family = (u8)e->family;
 	if (e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_ACK || e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_SYN)
 		key.port = e->lport;
-	if (e->reason == RSTTRACE_REASON_NONE)
+	if (e->kind == RSTTRACE_KIND_SENT && e->reason == RSTTRACE_REASON_NONE)
 		key.flags = e->flags & (RSTTRACE_F_ACTIVE | RSTTRACE_F_PROCESS);
 	count(&key);
+}
+
+/* The family of a sockaddr_in/in6 as the 6.10+ tracepoints store them (28 bytes, in ctx). */
+static __always_inline u16 sockaddr_family(const u8 *sa)
+{
+	u16 fam = 0;
+	__builtin_memcpy(&fam, sa, 2);
+	return fam;
 }
 
 /* --- tcp:tcp_send_reset -------------------------------------------------------------- */
@@ -293,8 +340,8 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 	struct rsttrace_event e = {};
 	const void *sk = (const void *)args->skaddr;
 	const void *skb = (const void *)args->skbaddr;
+	int fullsock;
 
-	e.ktime_ns = bpf_ktime_get_ns();
 	e.kind = RSTTRACE_KIND_SENT;
 #ifdef SEND_HAS_REASON
 	e.reason = args->reason;
@@ -309,55 +356,66 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 #endif
 	if (!skb)
 		e.flags |= RSTTRACE_F_ACTIVE;
-
+	/* sk_fullsock(): TIME_WAIT and request mini-sockets (6.10+ passes them) end where struct
+	 * sock's own fields begin; only struct sock_common may be read from them */
+	fullsock = sk && e.state != RSTTRACE_TCP_TIME_WAIT && e.state != RSTTRACE_TCP_NEW_SYN_RECV;
 #ifdef SEND_ADDR_SOCKADDR
-	{
-		u8 sa[28];
-		bpf_probe_read_kernel(sa, sizeof(sa), args->saddr);
-		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
-		bpf_probe_read_kernel(sa, sizeof(sa), args->daddr);
-		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
-	}
-#else
-	e.lport = args->sport;
-	e.rport = args->dport;
-#ifdef SEND_HAS_FAMILY
+	e.family = sockaddr_family(args->saddr);
+#elif defined(SEND_HAS_FAMILY)
 	e.family = args->family;
 #else
 	if (sk)
 		e.family = sk_family(sk);
 #endif
+	if (sk) {
+		e.netns = sk_netns(sk);
+	} else if (skb) {
+		e.netns = skb_dev_netns(skb);
+		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
+	}
+#ifndef SEND_HAS_REASON
+	/* the inferred reason depends on whether the owner was closing it: part of the key */
+	if (fullsock && e.state != RSTTRACE_TCP_LISTEN)
+		owner(sk, &e);
+#endif
+	count_event(&e);
+	if (!admit(&e))
+		return 0;
+
+	/* Addresses copied straight from the record (ctx): no helper call per field. */
+#ifdef SEND_ADDR_SOCKADDR
+	{
+		u8 sa[28];
+		__builtin_memcpy(sa, args->saddr, sizeof(sa));
+		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
+		__builtin_memcpy(sa, args->daddr, sizeof(sa));
+		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
+	}
+#else
+	e.lport = args->sport;
+	e.rport = args->dport;
 	if (e.family == RSTTRACE_AF_INET6) {
-		bpf_probe_read_kernel(e.laddr, 16, args->saddr_v6);
-		bpf_probe_read_kernel(e.raddr, 16, args->daddr_v6);
+		__builtin_memcpy(e.laddr, args->saddr_v6, 16);
+		__builtin_memcpy(e.raddr, args->daddr_v6, 16);
 	} else {
-		bpf_probe_read_kernel(e.laddr, 4, args->saddr);
-		bpf_probe_read_kernel(e.raddr, 4, args->daddr);
+		__builtin_memcpy(e.laddr, args->saddr, 4);
+		__builtin_memcpy(e.raddr, args->daddr, 4);
 	}
 #endif
-
 	if (sk) {
-		/* struct sock_common only: sk may be a TIME_WAIT or request mini-socket here (6.10+
-		 * passes them), which ends where struct sock's own fields begin. */
-		e.netns = sk_netns(sk);
 		e.cookie = sk_cookie(sk);
 		/* tcp_check_req passes the listener (net/ipv4/tcp_minisocks.c embryonic_reset):
 		 * its addresses are the bind address with port 0 for the peer; the packet has the
 		 * real peer. */
 		if (e.state == RSTTRACE_TCP_LISTEN && skb) {
-			if (skb_tuple(skb, &e) == 0)
-				e.flags |= RSTTRACE_F_PEER_FROM_SKB;
-		} else if (e.state != RSTTRACE_TCP_TIME_WAIT && e.state != RSTTRACE_TCP_NEW_SYN_RECV) {
-			/* sk_fullsock(): only now may struct sock fields be read */
+			peer_from_packet(skb, &e);
+		} else if (fullsock) {
+#ifdef SEND_HAS_REASON
 			owner(sk, &e);
+#endif
 			e.cgroup_id = sk_cgroup_id(sk);
 		}
-	} else if (skb) {
-		e.netns = skb_dev_netns(skb);
-		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
-
-	count_event(&e);
 	emit(args, &e);
 	return 0;
 }
@@ -370,47 +428,53 @@ int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
 	struct rsttrace_event e = {};
 	const void *sk = (const void *)args->skaddr;
 
-	e.ktime_ns = bpf_ktime_get_ns();
 	e.kind = RSTTRACE_KIND_RECEIVED;
 	e.reason = RSTTRACE_REASON_NONE;
 #ifdef RECV_ADDR_SOCKADDR
-	{
-		u8 sa[28];
-		bpf_probe_read_kernel(sa, sizeof(sa), args->saddr);
-		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
-		bpf_probe_read_kernel(sa, sizeof(sa), args->daddr);
-		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
-	}
-#else
-	e.lport = args->sport;
-	e.rport = args->dport;
-#ifdef RECV_HAS_FAMILY
+	e.family = sockaddr_family(args->saddr);
+#elif defined(RECV_HAS_FAMILY)
 	e.family = args->family;
 #else
 	if (sk)
 		e.family = sk_family(sk);
 #endif
+	if (sk) {
+		e.state = sk_state(sk);
+		e.netns = sk_netns(sk);
+	}
+	count_event(&e);
+	if (!admit(&e))
+		return 0;
+
+#ifdef RECV_ADDR_SOCKADDR
+	{
+		u8 sa[28];
+		__builtin_memcpy(sa, args->saddr, sizeof(sa));
+		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
+		__builtin_memcpy(sa, args->daddr, sizeof(sa));
+		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
+	}
+#else
+	e.lport = args->sport;
+	e.rport = args->dport;
 	if (e.family == RSTTRACE_AF_INET6) {
-		bpf_probe_read_kernel(e.laddr, 16, args->saddr_v6);
-		bpf_probe_read_kernel(e.raddr, 16, args->daddr_v6);
+		__builtin_memcpy(e.laddr, args->saddr_v6, 16);
+		__builtin_memcpy(e.raddr, args->daddr_v6, 16);
 	} else {
-		bpf_probe_read_kernel(e.laddr, 4, args->saddr);
-		bpf_probe_read_kernel(e.raddr, 4, args->daddr);
+		__builtin_memcpy(e.laddr, args->saddr, 4);
+		__builtin_memcpy(e.raddr, args->daddr, 4);
 	}
 #endif
 #ifdef RECV_HAS_COOKIE
 	e.cookie = args->sock_cookie;
 #endif
 	if (sk) {
-		e.state = sk_state(sk);
-		e.netns = sk_netns(sk);
 #ifndef RECV_HAS_COOKIE
 		e.cookie = sk_cookie(sk);
 #endif
 		owner(sk, &e);
 		e.cgroup_id = sk_cgroup_id(sk);
 	}
-	count_event(&e);
 	emit(args, &e);
 	return 0;
 }
@@ -428,24 +492,27 @@ int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
 	const void *sk = (const void *)args->rx_sk;
 	const void *skb = (const void *)args->skbaddr;
 
-	e.ktime_ns = bpf_ktime_get_ns();
 	e.kind = RSTTRACE_KIND_LISTEN_OVERFLOW_ACK;
 	e.reason = args->reason;
 	if (sk) {
 		e.state = sk_state(sk);
 		e.netns = sk_netns(sk);
-		sk_local(sk, &e);
+		sk_local(sk, &e); /* the listener's port: part of the key */
+	} else {
+		e.netns = skb_dev_netns(skb);
+		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
+	}
+	count_event(&e);
+	if (!admit(&e))
+		return 0;
+	if (sk) {
 #if OFF_SK_ACK_BACKLOG >= 0 && OFF_SK_MAX_ACK_BACKLOG >= 0
 		bpf_probe_read_kernel(&e.backlog, sizeof(e.backlog), (const char *)sk + OFF_SK_ACK_BACKLOG);
 		bpf_probe_read_kernel(&e.max_backlog, sizeof(e.max_backlog),
 				      (const char *)sk + OFF_SK_MAX_ACK_BACKLOG);
 #endif
-	} else {
-		e.netns = skb_dev_netns(skb);
-		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
 	peer_from_packet(skb, &e);
-	count_event(&e);
 	emit(args, &e);
 	return 0;
 }
@@ -493,7 +560,6 @@ static __always_inline int kp_send_reset(struct pt_regs *ctx)
 	}
 	if (skb_tcp_flags(skb) & 0x04)
 		return 0; /* TCP RST: never answered */
-	e.ktime_ns = bpf_ktime_get_ns();
 	e.kind = RSTTRACE_KIND_SENT;
 	e.reason = RSTTRACE_REASON_NONE;
 	e.flags = RSTTRACE_F_KPROBE;
@@ -506,7 +572,8 @@ static __always_inline int kp_send_reset(struct pt_regs *ctx)
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
 	count_event(&e);
-	emit(ctx, &e);
+	if (admit(&e))
+		emit(ctx, &e);
 	return 0;
 }
 
@@ -546,7 +613,6 @@ static __always_inline int kp_overflow(struct pt_regs *ctx, const void *sk, cons
 			return 0;
 	}
 #endif
-	e.ktime_ns = bpf_ktime_get_ns();
 	e.kind = kind;
 	e.reason = RSTTRACE_REASON_NONE;
 	e.flags = RSTTRACE_F_KPROBE;
@@ -555,7 +621,8 @@ static __always_inline int kp_overflow(struct pt_regs *ctx, const void *sk, cons
 	sk_local(sk, &e);
 	peer_from_packet(skb, &e);
 	count_event(&e);
-	emit(ctx, &e);
+	if (admit(&e))
+		emit(ctx, &e);
 	return 0;
 }
 #endif

@@ -81,7 +81,8 @@ enum rsttrace_stat {
 	RSTTRACE_STAT_EVENTS = 0,        /* events handed to the ring/perf buffer */
 	RSTTRACE_STAT_BUFFER_FULL = 1,   /* events lost: ring or perf buffer full */
 	RSTTRACE_STAT_COUNTER_FULL = 2,  /* counter map full: counted in "counters_spill" by kind */
-	RSTTRACE_STAT_MAX = 3,
+	RSTTRACE_STAT_SUPPRESSED = 3,    /* events held back by the rate limit (counted all the same) */
+	RSTTRACE_STAT_MAX = 4,
 };
 
 #endif /* RSTTRACE_H */

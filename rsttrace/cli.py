@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often counter-derived overflows are checked (default 1)")
     t.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N",
                    help="ring buffer size in pages (power of 2, default 64)")
+    rate = t.add_mutually_exclusive_group()
+    rate.add_argument("--max-event-rate", type=_positive(int), default=1000, metavar="N",
+                      help="at most about N events a second reach user space; the kernel counts and reports "
+                           "the rest, and every counter stays exact (default 1000)")
+    rate.add_argument("--all-events", action="store_true",
+                      help="deliver every event (a storm then costs the traced workload more)")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     _attribution_args(t)
 
@@ -230,7 +236,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.ring_pages & (args.ring_pages - 1):
         raise UsageError("--ring-pages must be a power of 2, got %d" % args.ring_pages)
     facts = prepare(need_root=not args.ebpf)
-    options = TraceOptions(events=True, kinds=filt.kinds, netns=args.netns, ring_pages=args.ring_pages)
+    options = TraceOptions(events=True, kinds=filt.kinds, netns=args.netns, ring_pages=args.ring_pages,
+                           max_event_rate=None if args.all_events else args.max_event_rate)
     logger = log.get()
     out = sys.stdout
     as_json = args.json
@@ -255,13 +262,26 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if not as_json:
             out.write(output.HEADER + "\n")
         out.flush()
-        session.run(stopper.event, duration=args.duration, max_events=args.count, after_poll=out.flush)
+        held = [0, time.monotonic() + 5.0]
+
+        def after_poll() -> None:
+            out.flush()
+            if time.monotonic() >= held[1]:  # say it when the budget holds events back
+                held[1] = time.monotonic() + 5.0
+                n = session.lost()["suppressed"]
+                if n > held[0]:
+                    logger.warning("events held back by the rate limit", held_back=n - held[0], total=n,
+                                   limit_per_s=args.max_event_rate, hint="counters include them; --all-events")
+                    held[0] = n
+
+        session.run(stopper.event, duration=args.duration, max_events=args.count, after_poll=after_poll)
     finally:
         lost = session.lost()
         session.close()
         if enricher is not None:
             enricher.stop()
-        logger.info("stopped", delivered=session.delivered, lost_kernel=lost["lost_kernel"],
+        logger.info("stopped", delivered=session.delivered, held_back=lost["suppressed"],
+                    lost_kernel=lost["lost_kernel"],
                     lost_user=lost["lost_user"], counter_map_full=lost["counter_map_full"])
     return 0
 
@@ -390,7 +410,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             logger.info("tcp_reset_event", **ev.to_dict())
 
     # With no event log there is nothing to deliver: counters only, nothing crosses to user space.
-    options = TraceOptions(events=args.log_rate > 0, ring_pages=args.ring_pages)
+    # The log's budget is applied in the kernel too: events beyond it never cross over.
+    options = TraceOptions(events=args.log_rate > 0, ring_pages=args.ring_pages,
+                           max_event_rate=args.log_rate if args.log_rate > 0 else None)
     if args.metric_pod_labels and args.no_attribution:
         raise UsageError("--metric-pod-labels needs attribution: drop --no-attribution")
     if args.metric_pod_labels and args.netns_label:
@@ -428,15 +450,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         logger.info("serving", listen=args.listen, metrics="/metrics", health="/healthz")
         next_report = time.monotonic() + args.log_interval
 
+        held_before = 0
+
         def report() -> None:
-            nonlocal next_report
+            nonlocal next_report, held_before
             if time.monotonic() < next_report:
                 return
             next_report += args.log_interval
-            n = limiter.take_suppressed()
             lost = session.lost()
+            # held back in the kernel (the budget is applied there first) plus any the Python
+            # limiter still caught
+            n = lost["suppressed"] - held_before + limiter.take_suppressed()
+            held_before = lost["suppressed"]
             if n or lost["lost_kernel"] or lost["lost_user"]:
-                logger.info("event lines suppressed", suppressed=n, suppressed_total=limiter.suppressed_total,
+                logger.info("event lines suppressed", suppressed=n,
+                            suppressed_total=lost["suppressed"] + limiter.suppressed_total,
                             lost_kernel=lost["lost_kernel"], lost_user=lost["lost_user"])
 
         session.run(stopper.event, after_poll=report)
@@ -449,7 +477,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if enricher is not None:
             enricher.stop()
         logger.info("stopped", lost_kernel=lost["lost_kernel"], lost_user=lost["lost_user"],
-                    suppressed_total=limiter.suppressed_total)
+                    suppressed_total=lost["suppressed"] + limiter.suppressed_total)
     return 0
 
 

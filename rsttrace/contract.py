@@ -33,7 +33,8 @@ F_KPROBE = 1 << 4
 STAT_EVENTS = 0
 STAT_BUFFER_FULL = 1
 STAT_COUNTER_FULL = 2
-STAT_MAX = 3
+STAT_SUPPRESSED = 3
+STAT_MAX = 4
 
 
 class RawEvent(ctypes.Structure):

@@ -183,6 +183,10 @@ class SessionCollector:
         lm.add_metric(["kernel"], lost.get("lost_kernel", 0))
         lm.add_metric(["user"], lost.get("lost_user", 0))
         yield lm
+        held = CounterMetricFamily("rsttrace_events_suppressed", "Events the kernel held back to keep to the "
+                                   "event log's rate (counted in the counters all the same)")
+        held.add_metric([], lost.get("suppressed", 0))
+        yield held
         full = CounterMetricFamily("rsttrace_map_spilled", "Counts that found the BPF map full: kept in a "
                                    "per-kind spill slot and exported with empty reason/state labels")
         full.add_metric([], lost.get("counter_map_full", 0))

@@ -30,7 +30,7 @@ def c_layout() -> dict:  # type: ignore[type-arg]
                  "RSTTRACE_KIND_LISTEN_OVERFLOW_ACK", "RSTTRACE_KIND_SYN_QUEUE_OVERFLOW", "RSTTRACE_KIND_MAX",
                  "RSTTRACE_F_PROCESS", "RSTTRACE_F_ACTIVE", "RSTTRACE_F_PEER_FROM_SKB",
                  "RSTTRACE_F_NETNS_FROM_DEV", "RSTTRACE_F_KPROBE", "RSTTRACE_STAT_EVENTS", "RSTTRACE_STAT_BUFFER_FULL",
-                 "RSTTRACE_STAT_COUNTER_FULL", "RSTTRACE_STAT_MAX", "RSTTRACE_REASON_NONE"):
+                 "RSTTRACE_STAT_COUNTER_FULL", "RSTTRACE_STAT_SUPPRESSED", "RSTTRACE_STAT_MAX", "RSTTRACE_REASON_NONE"):
         lines.append('printf("%s %%llu\\n", (unsigned long long)%s);' % (name, name))
     lines.append("return 0; }")
     with tempfile.TemporaryDirectory() as d:
@@ -64,5 +64,6 @@ def test_constants_match() -> None:
     assert c["RSTTRACE_F_KPROBE"] == contract.F_KPROBE
     assert c["RSTTRACE_STAT_BUFFER_FULL"] == contract.STAT_BUFFER_FULL
     assert c["RSTTRACE_STAT_COUNTER_FULL"] == contract.STAT_COUNTER_FULL
+    assert c["RSTTRACE_STAT_SUPPRESSED"] == contract.STAT_SUPPRESSED
     assert c["RSTTRACE_STAT_MAX"] == contract.STAT_MAX and c["RSTTRACE_STAT_EVENTS"] == contract.STAT_EVENTS
     assert c["RSTTRACE_REASON_NONE"] == contract.REASON_NONE

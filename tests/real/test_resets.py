@@ -209,8 +209,10 @@ def _settle(ns: Netns, socks: List[socket.socket]) -> Tuple[Any, int]:
     last segments (and resets) of its own, later on a slow machine. Returns the counters then
     and the time they were read, to compare with the events up to that time."""
     with ns.inside():
-        for s in socks:
-            s.close()  # no more retransmitted SYNs/ACKs to overflow again
+        for i, s in enumerate(socks):
+            if i:  # clients (socks[0] is the listener): a RST, not a FIN the kernel would keep
+                linger0(s)  # retransmitting with backoff, each try overflowing the queue again
+            s.close()
     prev = ns.counters()
     for _ in range(30):
         time.sleep(0.3)

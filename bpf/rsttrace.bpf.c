@@ -333,6 +333,30 @@ static __always_inline u16 sockaddr_family(const u8 *sa)
 	return fam;
 }
 
+/* The two address layouts of tcp_send_reset/tcp_receive_reset records: 6.10+ sockaddrs
+ * (saddr/daddr, 28 bytes each), older split fields (sport, dport, saddr[4], saddr_v6[16]...).
+ * Macros, since the two records are different structs with the same field names. */
+#define COPY_SOCKADDRS(args, e)                                            \
+	do {                                                               \
+		u8 sa[28];                                                 \
+		__builtin_memcpy(sa, (args)->saddr, sizeof(sa));           \
+		from_sockaddr(sa, (e).laddr, &(e).lport, &(e).family);     \
+		__builtin_memcpy(sa, (args)->daddr, sizeof(sa));           \
+		from_sockaddr(sa, (e).raddr, &(e).rport, &(e).family);     \
+	} while (0)
+#define COPY_SPLIT_ADDRS(args, e)                                          \
+	do {                                                               \
+		(e).lport = (args)->sport;                                 \
+		(e).rport = (args)->dport;                                 \
+		if ((e).family == RSTTRACE_AF_INET6) {                     \
+			__builtin_memcpy((e).laddr, (args)->saddr_v6, 16); \
+			__builtin_memcpy((e).raddr, (args)->daddr_v6, 16); \
+		} else {                                                   \
+			__builtin_memcpy((e).laddr, (args)->saddr, 4);     \
+			__builtin_memcpy((e).raddr, (args)->daddr, 4);     \
+		}                                                          \
+	} while (0)
+
 /* --- tcp:tcp_send_reset -------------------------------------------------------------- */
 #ifdef HAVE_TP_SEND_RESET
 int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
@@ -384,23 +408,9 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 
 	/* Addresses copied straight from the record (ctx): no helper call per field. */
 #ifdef SEND_ADDR_SOCKADDR
-	{
-		u8 sa[28];
-		__builtin_memcpy(sa, args->saddr, sizeof(sa));
-		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
-		__builtin_memcpy(sa, args->daddr, sizeof(sa));
-		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
-	}
+	COPY_SOCKADDRS(args, e);
 #else
-	e.lport = args->sport;
-	e.rport = args->dport;
-	if (e.family == RSTTRACE_AF_INET6) {
-		__builtin_memcpy(e.laddr, args->saddr_v6, 16);
-		__builtin_memcpy(e.raddr, args->daddr_v6, 16);
-	} else {
-		__builtin_memcpy(e.laddr, args->saddr, 4);
-		__builtin_memcpy(e.raddr, args->daddr, 4);
-	}
+	COPY_SPLIT_ADDRS(args, e);
 #endif
 	if (sk) {
 		e.cookie = sk_cookie(sk);
@@ -447,23 +457,9 @@ int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
 		return 0;
 
 #ifdef RECV_ADDR_SOCKADDR
-	{
-		u8 sa[28];
-		__builtin_memcpy(sa, args->saddr, sizeof(sa));
-		from_sockaddr(sa, e.laddr, &e.lport, &e.family);
-		__builtin_memcpy(sa, args->daddr, sizeof(sa));
-		from_sockaddr(sa, e.raddr, &e.rport, &e.family);
-	}
+	COPY_SOCKADDRS(args, e);
 #else
-	e.lport = args->sport;
-	e.rport = args->dport;
-	if (e.family == RSTTRACE_AF_INET6) {
-		__builtin_memcpy(e.laddr, args->saddr_v6, 16);
-		__builtin_memcpy(e.raddr, args->daddr_v6, 16);
-	} else {
-		__builtin_memcpy(e.laddr, args->saddr, 4);
-		__builtin_memcpy(e.raddr, args->daddr, 4);
-	}
+	COPY_SPLIT_ADDRS(args, e);
 #endif
 #ifdef RECV_HAS_COOKIE
 	e.cookie = args->sock_cookie;

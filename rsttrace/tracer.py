@@ -98,17 +98,25 @@ class Tracer:
             src_dir, self.headers = kernel_headers(self.facts.release)
         except (BccMissing, OSError) as e:
             raise TracerError(str(e)) from e
-        if src_dir:
-            os.environ["BCC_KERNEL_SOURCE"] = src_dir
         # bcc before 0.16 has no BPF_RINGBUF_OUTPUT/ring_buffer_poll: the perf buffer then
         self.ringbuf = self.facts.ringbuf and hasattr(bcc.BPF, "ring_buffer_poll") and not self.options.force_perf
         text = self.source()
+        # libbcc reads BCC_KERNEL_SOURCE with getenv() while compiling: set it for the compile
+        # only, so that nothing this process starts later inherits our private header tree.
+        saved = os.environ.get("BCC_KERNEL_SOURCE")
+        if src_dir:
+            os.environ["BCC_KERNEL_SOURCE"] = src_dir
         try:
             self.bpf = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function", "-Wno-unused-variable"])
         except Exception as e:
             raise TracerError(
                 "compiling the BPF program failed: %s (headers: %s)" % (_first_line(e), self.headers)
             ) from e
+        finally:
+            if saved is None:
+                os.environ.pop("BCC_KERNEL_SOURCE", None)
+            else:
+                os.environ["BCC_KERNEL_SOURCE"] = saved
         _release_compiler_memory()
         macros = self.facts.macros()
         try:

@@ -24,12 +24,12 @@ ROOTS += [os.path.join(FIXTURES, "kernel-descriptions", d) for d in ("5.4-like",
 
 
 @pytest.mark.parametrize("root", ROOTS, ids=[os.path.basename(r) for r in ROOTS])
-def test_program_loads(root: str) -> None:
+def test_program_loads(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     require_real_kernel()
     bcc = import_bcc()
     src, _why = kernel_headers()
     if src:
-        os.environ["BCC_KERNEL_SOURCE"] = src
+        monkeypatch.setenv("BCC_KERNEL_SOURCE", src)  # for this compile only
     functions = kernel.functions_fixture(os.path.join(root, "functions.txt"))
     # as if this kernel offered kprobes for every function the saved kernel had
     facts = kernel.gather(root, release=os.path.basename(root), functions=(True, functions[1]))

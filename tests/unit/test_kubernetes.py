@@ -609,8 +609,11 @@ def image_prefix(tmp_path_factory: pytest.TempPathFactory) -> str:
         missing_tool("no kernel headers under /usr/src (scripts/install installs them)")
     for d in headers:  # stand-ins the step moves, pointing at the real trees
         os.symlink(os.path.join("/usr/src", d), os.path.join(usr_src, d))
+    # an image build's environment: nothing of this process's (a BCC_KERNEL_SOURCE would be
+    # taken as the headers to link)
+    env = {k: v for k, v in os.environ.items() if k != "BCC_KERNEL_SOURCE"}
     out = subprocess.run(["sh", "-c", run_steps(prefix, usr_src, build_src)], capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, PIP_NO_INPUT="1"))
+                         timeout=600, env=dict(env, PIP_NO_INPUT="1"))
     assert out.returncode == 0, out.stdout + out.stderr
     return prefix
 

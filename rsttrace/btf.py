@@ -124,10 +124,6 @@ class Btf:
         end = self._data.index(b"\0", start, self._str_end)
         return self._data[start:end].decode("ascii", "replace")
 
-    @property
-    def type_count(self) -> int:
-        return len(self._recs) - 1
-
     def _index(self) -> Dict[str, List[int]]:
         if self._by_name is None:
             idx: Dict[str, List[int]] = {}

@@ -96,9 +96,8 @@ def _attribution_args(p: argparse.ArgumentParser) -> None:
 def _enricher(args: argparse.Namespace) -> Optional[Enricher]:
     if args.no_attribution:
         return None
-    for flag, path in (("--proc-root", args.proc_root),):
-        if not os.path.isdir(path):
-            raise UsageError("%s %s: no such directory" % (flag, path))
+    if not os.path.isdir(args.proc_root):
+        raise UsageError("--proc-root %s: no such directory" % args.proc_root)
     e = Enricher(proc_root=args.proc_root, cgroup_root=args.cgroup_root, pods_dir=args.pods_dir,
                  containers_dir=args.containers_dir)
     e.start()

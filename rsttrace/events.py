@@ -116,14 +116,6 @@ def _ntop(key: bytes) -> str:
     return text
 
 
-def fmt_addr(family: int, raw: Union[bytes, ctypes.Array[ctypes.c_uint8]]) -> Optional[str]:
-    if family == c.AF_INET:
-        return _ntop(bytes(raw[:4]))
-    if family == c.AF_INET6:
-        return _ntop(bytes(raw[:16]))
-    return None
-
-
 def infer_sent_reason(state: Optional[str], flags: int) -> str:
     """A reason for kernels whose tcp_send_reset has none (< 6.10). Documented in the README.
 

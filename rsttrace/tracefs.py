@@ -56,10 +56,6 @@ class EventFormat:
     def has(self, name: str) -> bool:
         return self.field(name) is not None
 
-    @property
-    def size(self) -> int:
-        return max((f.offset + f.size for f in self.fields), default=0)
-
     def symbolic(self, field_name: str) -> List[Tuple[str, str]]:
         """The ``__print_symbolic(REC->field, {value, "NAME"}, ...)`` table, as (value, name) strings.
 
@@ -203,9 +199,6 @@ class Tracefs:
 
     def event_dir(self, system: str, name: str) -> str:
         return os.path.join(self.root, "events", system, name)
-
-    def exists(self, system: str, name: str) -> bool:
-        return os.path.isfile(os.path.join(self.event_dir(system, name), "format"))
 
     def format(self, system: str, name: str) -> Optional[EventFormat]:
         path = os.path.join(self.event_dir(system, name), "format")

@@ -49,9 +49,6 @@ class Tracer:
     options: TraceOptions = field(default_factory=TraceOptions)
     bpf: Any = None
     attachments: List[Attachment] = field(default_factory=list)
-    # What the perf lost callback reported: the same drops the kernel side counts (see
-    # emit() in bpf/rsttrace.bpf.c), later; kept for diagnostics, never added to the totals.
-    perf_lost_reported: int = 0
     headers: str = ""
     bcc_version: str = ""
     ringbuf: bool = False  # decided at start: kernel support, bcc support, options
@@ -189,8 +186,10 @@ class Tracer:
         def on_perf(_cpu: int, data: Any, size: int) -> None:
             on_event(None, data, size)
 
-        def on_lost(count: int) -> None:
-            self.perf_lost_reported += count
+        def on_lost(_count: int) -> None:
+            # The kernel side already counted these drops (emit() in bpf/rsttrace.bpf.c); a
+            # callback is still given so that bcc does not print its own warning per loss.
+            pass
 
         if self.ringbuf:
             self.bpf[b"events"].open_ring_buffer(on_event)

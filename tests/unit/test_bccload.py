@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
+from typing import Iterator
 
 import pytest
 
@@ -64,7 +66,29 @@ def test_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bccload.kernel_headers("6.18.44")[0] == "/somewhere"
 
 
-def test_bcc_loaded_by_path_from_a_distro_dir(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture()
+def bcc_not_importable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This interpreter cannot `import bcc` (as under pyenv); any bcc already loaded is put back."""
+    saved = {m: sys.modules.pop(m) for m in ("bcc", "bcc.version") if m in sys.modules}
+    real_import = builtins.__import__
+
+    def no_bcc(name: str, *a: object, **kw: object) -> object:
+        if name == "bcc":
+            raise ImportError("simulated: not on this interpreter's path")
+        return real_import(name, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_bcc)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        for m in ("bcc", "bcc.version"):
+            sys.modules.pop(m, None)
+        sys.modules.update(saved)
+
+
+def test_bcc_loaded_by_path_from_a_distro_dir(tmp_path: str, monkeypatch: pytest.MonkeyPatch,
+                                              bcc_not_importable: None) -> None:
     pkg = os.path.join(tmp_path, "bcc")
     os.makedirs(pkg)
     with open(os.path.join(pkg, "__init__.py"), "w") as f:
@@ -73,46 +97,13 @@ def test_bcc_loaded_by_path_from_a_distro_dir(tmp_path: str, monkeypatch: pytest
         f.write("__version__ = '0.99.0'\n")
     monkeypatch.setattr(bccload, "DIST_DIRS", (str(tmp_path),))
     monkeypatch.setattr(bccload, "DIST_GLOBS", ())
-    saved = sys.modules.pop("bcc", None)
-    saved_v = sys.modules.pop("bcc.version", None)
-    real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__
-
-    def no_bcc(name: str, *a: object, **kw: object) -> object:
-        if name == "bcc":
-            raise ImportError("simulated: not on this interpreter's path")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr("builtins.__import__", no_bcc)
-    try:
-        mod = bccload.import_bcc()
-        assert bccload.bcc_version(mod) == "0.99.0" and hasattr(mod, "BPF")
-        assert os.path.dirname(mod.__file__) == pkg  # type: ignore[arg-type]
-    finally:
-        monkeypatch.undo()
-        sys.modules.pop("bcc", None)
-        sys.modules.pop("bcc.version", None)
-        if saved is not None:
-            sys.modules["bcc"] = saved
-        if saved_v is not None:
-            sys.modules["bcc.version"] = saved_v
+    mod = bccload.import_bcc()
+    assert bccload.bcc_version(mod) == "0.99.0" and hasattr(mod, "BPF")
+    assert os.path.dirname(mod.__file__) == pkg  # type: ignore[arg-type]
 
 
-def test_bcc_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bcc_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch, bcc_not_importable: None) -> None:
     monkeypatch.setattr(bccload, "DIST_DIRS", ())
     monkeypatch.setattr(bccload, "DIST_GLOBS", ())
-    saved = sys.modules.pop("bcc", None)
-    real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__
-
-    def no_bcc(name: str, *a: object, **kw: object) -> object:
-        if name == "bcc":
-            raise ImportError("simulated")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr("builtins.__import__", no_bcc)
-    try:
-        with pytest.raises(bccload.BccMissing, match="python3-bpfcc"):
-            bccload.import_bcc()
-    finally:
-        monkeypatch.undo()
-        if saved is not None:
-            sys.modules["bcc"] = saved
+    with pytest.raises(bccload.BccMissing, match="python3-bpfcc"):
+        bccload.import_bcc()

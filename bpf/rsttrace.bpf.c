@@ -357,8 +357,148 @@ static __always_inline u16 sockaddr_family(const u8 *sa)
 		}                                                          \
 	} while (0)
 
+/* --- raw tracepoints: struct sock_common read once ------------------------------------ */
+#ifdef RSTTRACE_SKC_LEN
+/*
+ * The head of struct sock_common (family, state, netns pointer, ports, addresses) in one
+ * bpf_probe_read_kernel: each read is a helper call (~30-50 ns on a VM), and a raw program
+ * has no record to copy from. TIME_WAIT and request sockets begin with a whole sock_common
+ * too (struct inet_timewait_sock.__tw_common, struct request_sock.__req_common), so this read
+ * never runs past what they have. RSTTRACE_SKC_LEN covers the furthest field used (from BTF).
+ */
+struct rsttrace_skc {
+	u8 b[RSTTRACE_SKC_LEN];
+};
+
+#define SKC_GET(c, off, dst) __builtin_memcpy(&(dst), (c)->b + (off), sizeof(dst))
+
+/* Family, state and netns: what counting needs. */
+static __always_inline void skc_head(const void *sk, struct rsttrace_skc *c, struct rsttrace_event *e)
+{
+	const void *net = 0;
+	u16 family = 0;
+	u8 state = 0;
+
+	bpf_probe_read_kernel(c, sizeof(*c), sk);
+	SKC_GET(c, OFF_SK_FAMILY, family);
+	SKC_GET(c, OFF_SK_STATE, state);
+	SKC_GET(c, OFF_SK_NET, net);
+	e->family = family;
+	e->state = state;
+	e->netns = net_inum(net);
+}
+
+/* A full socket's own 4-tuple, as the tracepoints store it (TP_STORE_ADDR_PORTS). */
+static __always_inline void skc_addrs(const void *sk, const struct rsttrace_skc *c, struct rsttrace_event *e)
+{
+	u16 num = 0, dport = 0;
+
+	SKC_GET(c, OFF_SK_NUM, num); /* skc_num is host order, skc_dport network order */
+	SKC_GET(c, OFF_SK_DPORT, dport);
+	e->lport = num;
+	e->rport = rst_ntohs(dport);
+#if OFF_INET_SPORT >= 0
+	/* The tracepoints use inet_sport: close() moves the socket to TCP_CLOSE before its reset,
+	 * and that releases the bound port (inet_put_port() zeroes skc_num) but not inet_sport. */
+	{
+		u16 sport = 0;
+		bpf_probe_read_kernel(&sport, sizeof(sport), (const char *)sk + OFF_INET_SPORT);
+		e->lport = rst_ntohs(sport);
+	}
+#endif
+	if (e->family == RSTTRACE_AF_INET) {
+		__builtin_memcpy(e->laddr, c->b + OFF_SK_RCV_SADDR, 4);
+		__builtin_memcpy(e->raddr, c->b + OFF_SK_DADDR, 4);
+	}
+#if OFF_SK_V6_RCV_SADDR >= 0 && OFF_SK_V6_DADDR >= 0
+	else if (e->family == RSTTRACE_AF_INET6) {
+		__builtin_memcpy(e->laddr, c->b + OFF_SK_V6_RCV_SADDR, 16);
+		__builtin_memcpy(e->raddr, c->b + OFF_SK_V6_DADDR, 16);
+	}
+#endif
+}
+
+/* Address family of a packet without a socket: skb->protocol (ETH_P_IP / ETH_P_IPV6). */
+static __always_inline u16 skb_family(const void *skb)
+{
+	u16 proto = 0;
+#if OFF_SKB_PROTOCOL >= 0
+	bpf_probe_read_kernel(&proto, sizeof(proto), (const char *)skb + OFF_SKB_PROTOCOL);
+#endif
+	if (proto == rst_ntohs(0x0800))
+		return RSTTRACE_AF_INET;
+	if (proto == rst_ntohs(0x86DD))
+		return RSTTRACE_AF_INET6;
+	return 0;
+}
+#endif
+
 /* --- tcp:tcp_send_reset -------------------------------------------------------------- */
-#ifdef HAVE_TP_SEND_RESET
+#if defined(HAVE_TP_SEND_RESET) && defined(RAW_SEND_RESET)
+/*
+ * Raw: trace_tcp_send_reset(sk, skb[, reason]) as called (net/ipv4/tcp_ipv4.c,
+ * tcp_v4_send_reset and tcp_send_active_reset). The record the perf tracepoint would have
+ * built is rebuilt here only for events that pass admit(); a counted-only reset costs one
+ * read of sock_common and one of net->ns.inum.
+ */
+int rsttrace_send_reset(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct rsttrace_event e = {};
+	struct rsttrace_skc c = {};
+	const void *sk = (const void *)ctx->args[RAW_SEND_RESET_SK];
+	const void *skb = (const void *)ctx->args[RAW_SEND_RESET_SKB];
+	int fullsock;
+
+	e.kind = RSTTRACE_KIND_SENT;
+#ifdef RAW_SEND_RESET_REASON
+	e.reason = (u16)ctx->args[RAW_SEND_RESET_REASON];
+#else
+	e.reason = RSTTRACE_REASON_NONE;
+#endif
+	if (!skb)
+		e.flags |= RSTTRACE_F_ACTIVE;
+	if (sk) {
+		skc_head(sk, &c, &e);
+	} else if (skb) {
+		e.family = skb_family(skb);
+		e.netns = skb_dev_netns(skb);
+		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
+	}
+	/* sk_fullsock(): TIME_WAIT and request mini-sockets (6.10+ passes them) end where struct
+	 * sock's own fields begin; only struct sock_common may be read from them */
+	fullsock = sk && e.state != RSTTRACE_TCP_TIME_WAIT && e.state != RSTTRACE_TCP_NEW_SYN_RECV;
+#ifndef RAW_SEND_RESET_REASON
+	/* the inferred reason depends on whether the owner was closing it: part of the key */
+	if (fullsock && e.state != RSTTRACE_TCP_LISTEN)
+		owner(sk, &e);
+#endif
+	count_event(&e);
+	if (!admit(&e))
+		return 0;
+
+	/* As the tracepoint's record: a full socket's own tuple, else the packet's reversed
+	 * (include/trace/events/tcp.h, TP_STORE_ADDR_PORTS / TP_STORE_ADDR_PORTS_SKB). */
+	if (fullsock)
+		skc_addrs(sk, &c, &e);
+	else if (skb)
+		skb_tuple(skb, &e);
+	if (sk) {
+		e.cookie = sk_cookie(sk);
+		/* tcp_check_req passes the listener (net/ipv4/tcp_minisocks.c embryonic_reset):
+		 * its addresses are the bind address; the packet has the real peer. */
+		if (e.state == RSTTRACE_TCP_LISTEN && skb) {
+			peer_from_packet(skb, &e);
+		} else if (fullsock) {
+#ifdef RAW_SEND_RESET_REASON
+			owner(sk, &e);
+#endif
+			e.cgroup_id = sk_cgroup_id(sk);
+		}
+	}
+	emit(ctx, &e);
+	return 0;
+}
+#elif defined(HAVE_TP_SEND_RESET)
 int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 {
 	struct rsttrace_event e = {};
@@ -432,7 +572,32 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 #endif
 
 /* --- tcp:tcp_receive_reset ----------------------------------------------------------- */
-#ifdef HAVE_TP_RECEIVE_RESET
+#if defined(HAVE_TP_RECEIVE_RESET) && defined(RAW_RECEIVE_RESET)
+/* Raw: trace_tcp_receive_reset(sk) from tcp_reset() (net/ipv4/tcp_input.c): always a full
+ * socket. The cookie is the socket's if one was ever made (the perf tracepoint's record makes
+ * one, sock_gen_cookie(); a raw program cannot). */
+int rsttrace_receive_reset(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct rsttrace_event e = {};
+	struct rsttrace_skc c = {};
+	const void *sk = (const void *)ctx->args[RAW_RECEIVE_RESET_SK];
+
+	if (!sk)
+		return 0;
+	e.kind = RSTTRACE_KIND_RECEIVED;
+	e.reason = RSTTRACE_REASON_NONE;
+	skc_head(sk, &c, &e);
+	count_event(&e);
+	if (!admit(&e))
+		return 0;
+	skc_addrs(sk, &c, &e);
+	e.cookie = sk_cookie(sk);
+	owner(sk, &e);
+	e.cgroup_id = sk_cgroup_id(sk);
+	emit(ctx, &e);
+	return 0;
+}
+#elif defined(HAVE_TP_RECEIVE_RESET)
 int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
 {
 	struct rsttrace_event e = {};
@@ -478,18 +643,13 @@ int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
 
 /* --- skb:kfree_skb, reason TCP_LISTEN_OVERFLOW (final ACK, accept queue full) ---------- */
 #ifdef HAVE_TP_LISTEN_OVERFLOW_ACK
-int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
+/* The listener (rx_sk), or the packet's device when the kernel had none. */
+static __always_inline int listen_overflow(void *ctx, const void *sk, const void *skb, u16 reason)
 {
-	/* kfree_skb fires for every dropped packet: leave at once unless it is ours. */
-	if (args->reason != DROP_REASON_LISTEN_OVERFLOW)
-		return 0;
-
 	struct rsttrace_event e = {};
-	const void *sk = (const void *)args->rx_sk;
-	const void *skb = (const void *)args->skbaddr;
 
 	e.kind = RSTTRACE_KIND_LISTEN_OVERFLOW_ACK;
-	e.reason = args->reason;
+	e.reason = reason;
 	if (sk) {
 		e.state = sk_state(sk);
 		e.netns = sk_netns(sk);
@@ -509,10 +669,31 @@ int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
 #endif
 	}
 	peer_from_packet(skb, &e);
-	emit(args, &e);
+	emit(ctx, &e);
 	return 0;
 }
 #endif
+
+#if defined(HAVE_TP_LISTEN_OVERFLOW_ACK) && defined(RAW_KFREE_SKB)
+/* Raw: trace_kfree_skb(skb, location, reason, rx_sk) (net/core/skbuff.c). It fires for every
+ * dropped packet, so the reason is tested before anything else: a register compare. */
+int rsttrace_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+	if ((u32)ctx->args[RAW_KFREE_SKB_REASON] != DROP_REASON_LISTEN_OVERFLOW)
+		return 0;
+	return listen_overflow(ctx, (const void *)ctx->args[RAW_KFREE_SKB_SK],
+			       (const void *)ctx->args[RAW_KFREE_SKB_SKB], DROP_REASON_LISTEN_OVERFLOW);
+}
+#elif defined(HAVE_TP_LISTEN_OVERFLOW_ACK)
+int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
+{
+	/* kfree_skb fires for every dropped packet: leave at once unless it is ours. */
+	if (args->reason != DROP_REASON_LISTEN_OVERFLOW)
+		return 0;
+	return listen_overflow(args, (const void *)args->rx_sk, (const void *)args->skbaddr, args->reason);
+}
+#endif
+
 
 /* --- kprobes, on kernels whose tracepoints leave gaps (chosen in rsttrace/kernel.py) ---- */
 

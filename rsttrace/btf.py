@@ -207,6 +207,39 @@ class Btf:
         size = (bits + 7) // 8 if bits else self.size(tid)
         return Member(offset_bits // 8, size, bits != 0, tid)
 
+    def type_name(self, tid: int) -> str:
+        """A C-like spelling of a type without qualifiers: ``struct sock *``, ``enum x``, ``int``."""
+        tid = self.resolve(tid)
+        _pos, kind, _vlen, _kf, name_off, size_or_type = self._recs[tid]
+        if kind == KIND_PTR:
+            return (self.type_name(size_or_type) if size_or_type else "void") + " *"
+        name = self.name(name_off) if name_off else ""
+        prefix = {KIND_STRUCT: "struct ", KIND_UNION: "union ", KIND_ENUM: "enum ", KIND_ENUM64: "enum ",
+                  KIND_FWD: "struct "}.get(kind, "")
+        return prefix + name if name else "<anon kind %d>" % kind
+
+    def tracepoint_args(self, tracepoint: str) -> List[str]:
+        """The argument types a raw tracepoint passes its programs, in order (``args[0]`` ...).
+
+        From ``typedef void (*btf_trace_<name>)(void *__data, <TP_PROTO>)``, which the kernel
+        declares for every tracepoint (include/linux/tracepoint.h, 5.5+) so that BPF can type
+        raw tracepoint arguments; ``__data`` is the probe's own and not passed.
+        """
+        try:
+            tid = self.find("btf_trace_" + tracepoint, (KIND_TYPEDEF,))
+        except BtfError:
+            raise BtfError("no prototype for tracepoint %s in BTF" % tracepoint) from None
+        ptr = self.resolve(tid)
+        pos, kind, _vlen, _kf, _no, target = self._recs[ptr]
+        if kind != KIND_PTR:
+            raise BtfError("btf_trace_%s is not a function pointer" % tracepoint)
+        proto = self.resolve(target)
+        pos, kind, vlen, _kf, _no, _ret = self._recs[proto]
+        if kind != KIND_FUNC_PROTO:
+            raise BtfError("btf_trace_%s is not a function pointer" % tracepoint)
+        types = [struct.unpack_from("<II", self._data, pos + 12 + 8 * i)[1] for i in range(vlen)]
+        return [self.type_name(t) if t else "..." for t in types[1:]]
+
     def enumerators(self, enum_name: Optional[str] = None) -> Iterator[Tuple[str, int]]:
         """(name, value) of the enumerators of ``enum_name``, or of every enum when None."""
         if enum_name is not None:

@@ -80,6 +80,12 @@ def _common_filters(p: argparse.ArgumentParser) -> None:
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
 
 
+def _hook_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-raw-tracepoints", action="store_true",
+                   help="attach to perf tracepoints even where raw ones can be used: costs the traced workload "
+                        "more, and received resets always carry a socket cookie (raw: only sockets that have one)")
+
+
 def _attribution_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pod attribution (events gain namespace, pod, container, container_id)")
     g.add_argument("--no-attribution", action="store_true", help="do not look up pods")
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--all-events", action="store_true",
                       help="deliver every event (a storm then costs the traced workload more)")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    _hook_args(t)
     _attribution_args(t)
 
     s = sub.add_parser("summary", help="counts by kind/reason/state every interval",
@@ -147,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=_positive(float), default=5.0, metavar="SECONDS", help="default 5")
     s.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long")
     s.add_argument("--json", action="store_true", help="one JSON object per interval")
+    _hook_args(s)
 
     e = sub.add_parser("export", help="serve Prometheus metrics (/metrics, /healthz) and log events",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -171,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N", help="ring buffer pages")
     e.add_argument("--metric-pod-labels", action="store_true",
                    help="add namespace and pod labels to the reset and overflow counters (capped by --max-series)")
+    _hook_args(e)
     _attribution_args(e)
 
     r = sub.add_parser("reasons", help="the running kernel's reason table, explained")
@@ -236,7 +245,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise UsageError("--ring-pages must be a power of 2, got %d" % args.ring_pages)
     facts = prepare(need_root=not args.ebpf)
     options = TraceOptions(events=True, kinds=filt.kinds, netns=args.netns, ring_pages=args.ring_pages,
-                           max_event_rate=None if args.all_events else args.max_event_rate)
+                           max_event_rate=None if args.all_events else args.max_event_rate,
+                           raw_tracepoints=not args.no_raw_tracepoints)
     logger = log.get()
     out = sys.stdout
     as_json = args.json
@@ -289,6 +299,8 @@ def _log_attach(session: Session) -> None:
     logger = log.get()
     for m in session.tracer.mounted:
         logger.info("mounted", what=m, why="this bcc looks up tracepoints under debugfs")
+    for note in session.tracer.notes:
+        logger.warning("degraded", detail=note)
     for a in session.tracer.attachments:
         if a.attached:
             logger.info("attached", program=a.program, hook=a.hook)
@@ -310,7 +322,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     family = _family(args)
     # Counters only: nothing crosses the ring buffer, so a summary costs the traced
     # workload as little as rsttrace can.
-    session = Session(facts, TraceOptions(events=False), overflow_interval=min(1.0, args.interval))
+    session = Session(facts, TraceOptions(events=False, raw_tracepoints=not args.no_raw_tracepoints),
+                      overflow_interval=min(1.0, args.interval))
     stopper = Stopper()
     session.start()
     _log_attach(session)
@@ -411,7 +424,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     # With no event log there is nothing to deliver: counters only, nothing crosses to user space.
     # The log's budget is applied in the kernel too: events beyond it never cross over.
     options = TraceOptions(events=args.log_rate > 0, ring_pages=args.ring_pages,
-                           max_event_rate=args.log_rate if args.log_rate > 0 else None)
+                           max_event_rate=args.log_rate if args.log_rate > 0 else None,
+                           raw_tracepoints=not args.no_raw_tracepoints)
     if args.metric_pod_labels and args.no_attribution:
         raise UsageError("--metric-pod-labels needs attribution: drop --no-attribution")
     if args.metric_pod_labels and args.netns_label:

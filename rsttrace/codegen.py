@@ -48,19 +48,25 @@ def tp_struct(struct_name: str, fmt: EventFormat) -> str:
     return "\n".join(lines)
 
 
-def prelude(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None) -> str:
-    """``extra`` adds or overrides macros; a None value removes one."""
-    macros: Dict[str, str] = facts.macros()
-    macros.setdefault("RSTTRACE_RINGBUF_PAGES", "64")
-    macros.setdefault("RSTTRACE_COUNTER_ENTRIES", "16384")
+def macros(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, str]:
+    """The kernel's macros with ``extra`` applied: it adds or overrides; a None value removes one."""
+    out: Dict[str, str] = facts.macros()
+    out.setdefault("RSTTRACE_RINGBUF_PAGES", "64")
+    out.setdefault("RSTTRACE_COUNTER_ENTRIES", "16384")
     for name, value in (extra or {}).items():
         if value is None:
-            macros.pop(name, None)
+            out.pop(name, None)
         else:
-            macros[name] = value
+            out[name] = value
+    return out
+
+
+def prelude(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None) -> str:
+    """``extra`` adds or overrides macros; a None value removes one."""
+    macros_ = macros(facts, extra)
     out: List[str] = ["/* rsttrace prelude for kernel %s: generated at start, do not edit */" % facts.release]
-    for name in sorted(macros):
-        out.append("#define %s %s" % (name, macros[name]))
+    for name in sorted(macros_):
+        out.append("#define %s %s" % (name, macros_[name]))
     for (_system, name), struct_name in TP_STRUCTS.items():
         fmt = {
             "tcp_send_reset": facts.send_reset,

@@ -27,6 +27,10 @@ OFFSETS: Dict[str, Tuple[Tuple[str, ...], int]] = {
     "OFF_SK_NUM": (("sock.__sk_common.skc_num",), 2),
     "OFF_SK_RCV_SADDR": (("sock.__sk_common.skc_rcv_saddr",), 4),
     "OFF_SK_V6_RCV_SADDR": (("sock.__sk_common.skc_v6_rcv_saddr",), 16),
+    "OFF_SK_DADDR": (("sock.__sk_common.skc_daddr",), 4),
+    "OFF_SK_DPORT": (("sock.__sk_common.skc_dport",), 2),
+    "OFF_SK_V6_DADDR": (("sock.__sk_common.skc_v6_daddr",), 16),
+    "OFF_INET_SPORT": (("inet_sock.inet_sport",), 2),
     "OFF_SK_LOCK_OWNED": (("sock.sk_lock.owned",), 4),
     "OFF_SK_COOKIE": (("sock.__sk_common.skc_cookie",), 8),
     "OFF_SK_ACK_BACKLOG": (("sock.sk_ack_backlog",), 4),
@@ -51,6 +55,10 @@ OFFSET_PURPOSE = {
     "OFF_SK_NUM": "listener port of overflows",
     "OFF_SK_RCV_SADDR": "listener address of overflows",
     "OFF_SK_V6_RCV_SADDR": "listener address of overflows",
+    "OFF_SK_DADDR": "addresses from raw tracepoints",
+    "OFF_SK_DPORT": "addresses from raw tracepoints",
+    "OFF_SK_V6_DADDR": "addresses from raw tracepoints",
+    "OFF_INET_SPORT": "local port of a closing socket from raw tracepoints",
     "OFF_SK_LOCK_OWNED": "pid/comm of the socket owner",
     "OFF_SK_COOKIE": "socket cookie of sent resets",
     "OFF_SK_ACK_BACKLOG": "listener backlog",
@@ -65,6 +73,36 @@ OFFSET_PURPOSE = {
     "OFF_SKB_PROTOCOL": "IPv4-mapped final ACKs counted once",
     "OFF_DEV_NET": "netns of no-socket resets",
 }
+
+
+# What a raw tracepoint program needs from its arguments, found by type in the tracepoint's BTF
+# prototype (names are not recorded there). Absent roles are fine where marked optional below.
+RAW_ROLES: Dict[str, Dict[str, str]] = {
+    "tcp_send_reset": {"SK": "struct sock *", "SKB": "struct sk_buff *", "REASON": "enum sk_rst_reason"},
+    "tcp_receive_reset": {"SK": "struct sock *"},
+    "kfree_skb": {"SKB": "struct sk_buff *", "REASON": "enum skb_drop_reason", "SK": "struct sock *"},
+}
+
+# struct sock_common fields a raw program reads in one bpf_probe_read_kernel (family, state and
+# netns first: every counted reset needs them; the rest are an event's addresses).
+SKC_REQUIRED = ("OFF_SK_FAMILY", "OFF_SK_STATE", "OFF_SK_NET", "OFF_SK_NUM", "OFF_SK_DPORT", "OFF_SK_RCV_SADDR",
+                "OFF_SK_DADDR")
+SKC_OPTIONAL = ("OFF_SK_V6_RCV_SADDR", "OFF_SK_V6_DADDR")  # absent without CONFIG_IPV6
+SKC_MAX_READ = 128  # bytes: sock_common's head; more would be reading for fields we do not need
+
+
+def raw_arg_roles(types: List[str], roles: Dict[str, str]) -> Dict[str, int]:
+    """Role -> index into ``ctx->args`` for a raw tracepoint, by the first argument of each type.
+
+    ``const`` is already stripped by Btf.type_name, so the match is on the bare spelling.
+    """
+    out: Dict[str, int] = {}
+    for role, want in roles.items():
+        for i, t in enumerate(types):
+            if t == want:
+                out[role] = i
+                break
+    return out
 
 
 @dataclass
@@ -94,6 +132,8 @@ class KernelFacts:
     ringbuf: bool = False
     kprobes: bool = False  # the kernel has kprobes (CONFIG_KPROBES: tracefs kprobe_events)
     hookable: Dict[str, bool] = field(default_factory=dict)  # function -> can be probed
+    # tracepoint -> argument types of its raw form, from BTF (btf_trace_<name>); empty: none
+    tp_args: Dict[str, List[str]] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
 
     @property
@@ -123,6 +163,40 @@ class KernelFacts:
     def kp_conn_request(self) -> bool:
         """SYNs meeting a full accept queue: no tracepoint on any kernel, a probe where possible."""
         return self.kprobe_ok("tcp_conn_request")
+
+    # --- raw tracepoints ---------------------------------------------------------------
+    def skc_read_len(self) -> Optional[int]:
+        """Bytes of struct sock_common a raw program reads at once, None if it cannot."""
+        if any(self.offsets.get(m, -1) < 0 for m in SKC_REQUIRED):
+            return None
+        end = 0
+        for m in SKC_REQUIRED + SKC_OPTIONAL:
+            off = self.offsets.get(m, -1)
+            if off >= 0:
+                end = max(end, off + OFFSETS[m][1])
+        return end if end <= SKC_MAX_READ else None
+
+    def raw_args(self, tracepoint: str) -> Dict[str, int]:
+        """Role -> ``ctx->args`` index where a raw program can replace the tracepoint, else {}.
+
+        A raw tracepoint runs the program straight from the trace call, with the arguments the
+        kernel passed (include/trace/bpf_probe.h, __bpf_trace_##call); a perf tracepoint first
+        fills a record (perf_trace_##call: a buffer, TP_fast_assign, the caller's registers)
+        and then runs it. Measured on this 2-core VM's closed-port storm, the three
+        tracepoints cost about 8% of its throughput that way; raw, within the noise.
+        The prototype must agree with the format file (a reason on both or neither), or the
+        facts come from different kernels (saved fixtures with this host's BTF).
+        """
+        types = self.tp_args.get(tracepoint)
+        if not types or self.skc_read_len() is None:
+            return {}
+        roles = raw_arg_roles(types, RAW_ROLES[tracepoint])
+        usable = {
+            "tcp_send_reset": "SK" in roles and "SKB" in roles and ("REASON" in roles) == self.send_has_reason,
+            "tcp_receive_reset": "SK" in roles,
+            "kfree_skb": set(roles) == {"SK", "SKB", "REASON"} and self.listen_overflow_reason is not None,
+        }
+        return roles if usable[tracepoint] else {}
 
     def hooks(self) -> List[Hook]:
         out: List[Hook] = []
@@ -205,6 +279,18 @@ class KernelFacts:
             m["HAVE_KP_CONN_REQUEST"] = "1"
         if self.ringbuf:
             m["RSTTRACE_RINGBUF"] = "1"
+        raw_macro = {"tcp_send_reset": ("HAVE_TP_SEND_RESET", "RAW_SEND_RESET"),
+                     "tcp_receive_reset": ("HAVE_TP_RECEIVE_RESET", "RAW_RECEIVE_RESET"),
+                     "kfree_skb": ("HAVE_TP_LISTEN_OVERFLOW_ACK", "RAW_KFREE_SKB")}
+        for tp, (have, raw) in raw_macro.items():
+            roles = self.raw_args(tp)
+            if have in m and roles:
+                m[raw] = "1"
+                for role, index in roles.items():
+                    m["%s_%s" % (raw, role)] = str(index)
+        skc = self.skc_read_len()
+        if skc is not None:
+            m["RSTTRACE_SKC_LEN"] = str(skc)
         return m
 
     def state_name(self, raw: int) -> Optional[str]:
@@ -300,10 +386,23 @@ def functions_fixture(path: str) -> Tuple[bool, Dict[str, bool]]:
     return kprobes, hookable
 
 
+def tp_args_fixture(path: str) -> Dict[str, List[str]]:
+    """Raw tracepoint argument types from a saved tracepoint-args.txt: ``name: type, type``."""
+    out: Dict[str, List[str]] = {}
+    with open(path) as f:
+        for line in f:
+            name, sep, rest = line.partition(":")
+            if sep and not line.startswith("#"):
+                out[name.strip()] = [t.strip() for t in rest.split(",") if t.strip()]
+    return out
+
+
 def gather(tracefs_root: Optional[str], btf_path: Optional[str] = "/sys/kernel/btf/vmlinux",
-           release: Optional[str] = None, functions: Optional[Tuple[bool, Dict[str, bool]]] = None) -> KernelFacts:
+           release: Optional[str] = None, functions: Optional[Tuple[bool, Dict[str, bool]]] = None,
+           tp_args: Optional[Dict[str, List[str]]] = None) -> KernelFacts:
     """Read every fact rsttrace needs. Fixture directories work as well as the live kernel;
-    ``functions`` replaces the live kprobe/function check (fixtures: functions_fixture())."""
+    ``functions`` replaces the live kprobe/function check (fixtures: functions_fixture()) and
+    ``tp_args`` the BTF tracepoint prototypes (tp_args_fixture())."""
     facts = KernelFacts(release=release or platform.release(), tracefs=tracefs_root, btf_path=None)
     if functions is not None:
         facts.kprobes, facts.hookable = functions
@@ -338,6 +437,8 @@ def gather(tracefs_root: Optional[str], btf_path: Optional[str] = "/sys/kernel/b
             if name == "TCP_LISTEN_OVERFLOW":
                 facts.listen_overflow_reason = raw
 
+    if tp_args is not None:
+        facts.tp_args = dict(tp_args)
     if btf is not None:
         missing: List[str] = []
         for macro, (paths, size) in OFFSETS.items():
@@ -355,6 +456,12 @@ def gather(tracefs_root: Optional[str], btf_path: Optional[str] = "/sys/kernel/b
         if degraded:
             facts.warnings.append("BTF lacks fields for: %s (left empty)" % ", ".join(degraded))
         facts.ringbuf = _ringbuf_supported(btf)
+        if tp_args is None:
+            for tp in RAW_ROLES:
+                try:
+                    facts.tp_args[tp] = btf.tracepoint_args(tp)
+                except BtfError:
+                    continue  # no prototype (before 5.5): the perf tracepoint is used
         # TCP state names: the tracepoints print them symbolically (TCP_ESTABLISHED, ...);
         # BTF gives the numbers. Read the names from the format file so new states appear too.
         names = [n for _v, n in (facts.send_reset.symbolic("state") if facts.send_reset else [])]

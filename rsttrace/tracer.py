@@ -33,6 +33,7 @@ class TraceOptions:
     counter_entries: int = 16384
     force_perf: bool = False  # use the perf buffer even where a ring buffer exists (tests, old bcc)
     max_event_rate: Optional[int] = None  # events/s to user space (split over CPUs); None: all
+    raw_tracepoints: bool = True  # raw tracepoints where the kernel's BTF types their arguments
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Tracer:
     bcc_version: str = ""
     ringbuf: bool = False  # decided at start: kernel support, bcc support, options
     mounted: List[str] = field(default_factory=list)  # what start() had to mount
+    notes: List[str] = field(default_factory=list)  # degradations found while starting
     _bcc: Optional[ModuleType] = None
     _callback: Optional[Callable[[bytes], None]] = None
     # Scrapes read the maps from HTTP threads while the main thread may be closing them.
@@ -78,7 +80,15 @@ class Tracer:
             m["RSTTRACE_RATE_PER_CPU"] = "%dULL" % max(1, -(-self.options.max_event_rate // cpus))
         if not self.ringbuf:
             m["RSTTRACE_RINGBUF"] = None  # codegen drops None macros
+        if not self.options.raw_tracepoints:
+            for name in self.facts.macros():
+                if name.startswith("RAW_"):
+                    m[name] = None
         return m
+
+    def macros(self) -> Dict[str, str]:
+        """The #defines the program is built with: the kernel's facts and our options."""
+        return codegen.macros(self.facts, self.extra_macros())
 
     def source(self) -> str:
         return codegen.program(self.facts, self.extra_macros())
@@ -97,6 +107,20 @@ class Tracer:
             raise TracerError(str(e)) from e
         # bcc before 0.16 has no BPF_RINGBUF_OUTPUT/ring_buffer_poll: the perf buffer then
         self.ringbuf = self.facts.ringbuf and hasattr(bcc.BPF, "ring_buffer_poll") and not self.options.force_perf
+        try:
+            self._start(bcc, src_dir, callback)
+        except TracerError as e:
+            if not self.options.raw_tracepoints or not any(n.startswith("RAW_") for n in self.macros()):
+                raise
+            # Raw tracepoints are the fast path, never a requirement: the same programs exist
+            # for perf tracepoints (every kernel since 4.15 has those).
+            self.options.raw_tracepoints = False
+            self.attachments = []
+            self.notes.append("raw tracepoints unusable (%s): using perf tracepoints, which cost the traced "
+                              "workload more" % e)
+            self._start(bcc, src_dir, callback)
+
+    def _start(self, bcc: ModuleType, src_dir: Optional[str], callback: Optional[Callable[[bytes], None]]) -> None:
         text = self.source()
         # libbcc reads BCC_KERNEL_SOURCE with getenv() while compiling: set it for the compile
         # only, so that nothing this process starts later inherits our private header tree.
@@ -115,17 +139,19 @@ class Tracer:
             else:
                 os.environ["BCC_KERNEL_SOURCE"] = saved
         _release_compiler_memory()
-        macros = self.facts.macros()
+        macros = self.macros()
         try:
             for fn, hook, macro in self.plan():
                 if macro not in macros:
-                    if hook.startswith("tracepoint"):
+                    if hook.startswith("tracepoint") or hook.startswith("raw_tracepoint"):
                         self.attachments.append(Attachment(fn, hook, False, "not available on this kernel"))
                     continue
                 try:
                     self._attach(hook, fn)
                     self.attachments.append(Attachment(fn, hook, True))
                 except Exception as e:
+                    if hook.startswith("raw_tracepoint"):
+                        raise TracerError("%s: %s" % (hook, _first_line(e))) from e
                     self.attachments.append(Attachment(fn, hook, False, _first_line(e)))
             if not any(a.attached for a in self.attachments):
                 raise TracerError(
@@ -142,10 +168,15 @@ class Tracer:
     def plan(self) -> List[Tuple[str, str, str]]:
         """(program, hook, the macro that says this kernel gets it)."""
         f = self.facts
+        m = self.macros()
+
+        def tp(name: str, raw_macro: str) -> str:
+            return ("raw_tracepoint " if raw_macro in m else "tracepoint ") + name
+
         out = [
-            ("rsttrace_send_reset", "tracepoint tcp:tcp_send_reset", "HAVE_TP_SEND_RESET"),
-            ("rsttrace_receive_reset", "tracepoint tcp:tcp_receive_reset", "HAVE_TP_RECEIVE_RESET"),
-            ("rsttrace_kfree_skb", "tracepoint skb:kfree_skb", "HAVE_TP_LISTEN_OVERFLOW_ACK"),
+            ("rsttrace_send_reset", tp("tcp:tcp_send_reset", "RAW_SEND_RESET"), "HAVE_TP_SEND_RESET"),
+            ("rsttrace_receive_reset", tp("tcp:tcp_receive_reset", "RAW_RECEIVE_RESET"), "HAVE_TP_RECEIVE_RESET"),
+            ("rsttrace_kfree_skb", tp("skb:kfree_skb", "RAW_KFREE_SKB"), "HAVE_TP_LISTEN_OVERFLOW_ACK"),
             ("rsttrace_kp_send_reset", "kprobe tcp_v4_send_reset", "HAVE_KP_SEND_RESET"),
             ("rsttrace_kp_syn_recv", "kprobe tcp_v4_syn_recv_sock", "HAVE_KP_SYN_RECV"),
             ("rsttrace_kp_conn_request", "kprobe tcp_conn_request", "HAVE_KP_CONN_REQUEST"),
@@ -160,6 +191,10 @@ class Tracer:
         kind, _, target = hook.partition(" ")
         if kind == "kprobe":
             self.bpf.attach_kprobe(event=target.encode(), fn_name=fn.encode())
+            return
+        if kind == "raw_tracepoint":
+            # bpf(BPF_RAW_TRACEPOINT_OPEN) takes the bare event name: no tracefs lookup
+            self.bpf.attach_raw_tracepoint(tp=target.partition(":")[2].encode(), fn_name=fn.encode())
             return
         tp = target
         try:

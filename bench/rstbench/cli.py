@@ -46,7 +46,7 @@ from .system import (
     owned_bpf,
     prog_stats,
 )
-from .tools import Config, Running, configurations, has_all_events, pick_bpftrace_program
+from .tools import Config, Running, configurations, has_all_events, has_raw_flag, pick_bpftrace_program
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 REPO = os.path.dirname(HERE)
@@ -119,7 +119,7 @@ class Bench:
         self.storm_exe = compile_storm(str(self.tools["cc"]), os.path.join(HERE, "storm.c"), self.out_dir)
         self.procs = params.procs or (os.cpu_count() or 1)
         self.all_events = has_all_events(self.rsttrace)
-        self.configs = {c.key: c for c in configurations(self.all_events)}
+        self.configs = {c.key: c for c in configurations(self.all_events, has_raw_flag(self.rsttrace))}
         self.bpftrace: Dict[str, str] = {}
         self.ns = Netns()
         self.results: Dict[str, Any] = {

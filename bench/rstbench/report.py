@@ -71,7 +71,7 @@ def rows(results: Dict[str, Any]) -> List[Row]:
 
 def _exactness(key: str, mine: List[Dict[str, Any]]) -> str:
     """How the tool's count of sent resets compares with the namespace's Tcp OutRsts."""
-    if key in ("counters", "export"):
+    if key in ("counters", "counters_perf", "export"):
         pairs = [(r["counted"], r["out_rsts"]) for r in mine]
         if any(c is None for c, _ in pairs):
             return "no count"
@@ -276,7 +276,7 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, Optional[bool], str]]:
         ahead = all(o.median is not None and r.median > o.median for o in others)
         out.append(("%s ahead of %s" % (r.config, " and ".join(o.config for o in others)), ahead,
                     "%.3f vs %s" % (r.median, ", ".join("%s %.3f" % (o.config, o.median or 0) for o in others))))
-    exact = [r for r in rows(results) if r.config in ("counters", "export")]
+    exact = [r for r in rows(results) if r.config in ("counters", "counters_perf", "export")]
     if exact:
         bad = [r for r in exact if r.exact != "exact"]
         out.append(("counters exact vs OutRsts (0 lost), every round", not bad,

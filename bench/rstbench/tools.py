@@ -44,17 +44,29 @@ class Config:
     events: bool = False  # events cross to user space (delivered/lost are reported)
 
 
-def configurations(all_events_flag: bool) -> List[Config]:
+def configurations(all_events_flag: bool, raw_flag: bool = False) -> List[Config]:
+    """``raw_flag``: rsttrace has --no-raw-tracepoints; a row then measures the perf tracepoints
+    it would fall back to, against the raw ones it uses, in the same run."""
     every = ["--all-events"] if all_events_flag else []
+    summary = ["summary", "--interval", "3600", "--json"]
+    perf = [Config("counters_perf", "rsttrace summary, perf tracepoints", "rsttrace",
+                   summary + ["--no-raw-tracepoints"])] if raw_flag else []
     return [
         Config("untraced", "untraced", "none"),
-        Config("counters", "rsttrace summary (counters only)", "rsttrace", ["summary", "--interval", "3600", "--json"]),
+        Config("counters", "rsttrace summary (counters only)", "rsttrace", summary),
+        *perf,
         Config("trace", "rsttrace trace --json (default)", "rsttrace", ["trace", "--json"], events=True),
         Config("trace_all", "rsttrace trace --json, every event", "rsttrace", ["trace", "--json", *every], events=True),
         Config("export", "rsttrace export, scraped 1/s", "rsttrace", ["export", "--netns-label"], events=True),
         Config("bpftrace", "bpftrace one-liner by reason", "bpftrace"),
         Config("tcpdump", "tcpdump -w pcap, RST filter", "tcpdump"),
     ]
+
+
+def has_raw_flag(rsttrace: Sequence[str]) -> bool:
+    """Whether this rsttrace has `summary --no-raw-tracepoints` (raw tracepoints by default)."""
+    p = run(list(rsttrace) + ["summary", "--help"], check=False)
+    return "--no-raw-tracepoints" in p.stdout
 
 
 def has_all_events(rsttrace: Sequence[str]) -> bool:

@@ -29,8 +29,10 @@ class Recorder:
             return [e for e in self.events if e["netns"] == netns and e["ktime_ns"] >= start_ns]
 
 
-@pytest.fixture(scope="session")
-def tracing() -> Iterator[Any]:
+@pytest.fixture(scope="session", params=["raw", "perf"])
+def tracing(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A session tracing everything; every test runs once with raw tracepoints (the default)
+    and once with perf tracepoints (the fallback where a kernel's BTF lacks prototypes)."""
     require_real_kernel()
     from rsttrace import kernel, tracefs
     from rsttrace.session import Session
@@ -39,7 +41,8 @@ def tracing() -> Iterator[Any]:
     root, _ = tracefs.ensure_tracefs()
     facts = kernel.gather(root)
     rec = Recorder()
-    session = Session(facts, TraceOptions(), sink=rec, overflow_interval=0.5)
+    session = Session(facts, TraceOptions(raw_tracepoints=request.param == "raw"), sink=rec,
+                      overflow_interval=0.5)
     session.start()
     stop = threading.Event()
     th = threading.Thread(target=session.run, args=(stop,), daemon=True)

@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -63,8 +64,14 @@ def closed_port(family: int, addr: str) -> int:
     return port
 
 
-def connect_refused(family: int, addr: str, port: int, n: int) -> List[int]:
-    """n connects to a closed port; returns the client ports used."""
+SO_COOKIE = 57  # include/uapi/asm-generic/socket.h; Python's socket module does not name it
+
+
+def connect_refused(family: int, addr: str, port: int, n: int,
+                    cookies: Optional[Dict[int, int]] = None) -> List[int]:
+    """n connects to a closed port; returns the client ports used. With ``cookies``, each
+    client's socket cookie is asked for first (SO_COOKIE, which makes the kernel assign one)
+    and recorded by client port."""
     ports: List[int] = []
     while len(ports) < n:
         s = socket.socket(family, socket.SOCK_STREAM)
@@ -73,6 +80,8 @@ def connect_refused(family: int, addr: str, port: int, n: int) -> List[int]:
             s.close()  # an ephemeral port equal to the target would connect to itself
             continue
         ports.append(s.getsockname()[1])
+        if cookies is not None:
+            cookies[ports[-1]] = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
         try:
             s.connect((addr, port))
         except ConnectionRefusedError:

@@ -32,7 +32,9 @@ def test_program_loads(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("BCC_KERNEL_SOURCE", src)  # for this compile only
     functions = kernel.functions_fixture(os.path.join(root, "functions.txt"))
     # as if this kernel offered kprobes for every function the saved kernel had
-    facts = kernel.gather(root, release=os.path.basename(root), functions=(True, functions[1]))
+    # and with that kernel's raw tracepoint prototypes rather than this kernel's
+    tp_args = kernel.tp_args_fixture(os.path.join(root, "tracepoint-args.txt"))
+    facts = kernel.gather(root, release=os.path.basename(root), functions=(True, functions[1]), tp_args=tp_args)
     tracer = Tracer(facts, TraceOptions())
     tracer.ringbuf = facts.ringbuf
     b = bcc.BPF(text=tracer.source().encode(), cflags=["-Wno-unused-function"])
@@ -42,11 +44,38 @@ def test_program_loads(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
         for fn, hook, macro in tracer.plan():
             if macro not in macros:
                 continue
-            kind = bcc.BPF.KPROBE if hook.startswith("kprobe") else bcc.BPF.TRACEPOINT
+            kind = {"kprobe": bcc.BPF.KPROBE, "raw_tracepoint": bcc.BPF.RAW_TRACEPOINT}.get(
+                hook.split()[0], bcc.BPF.TRACEPOINT)
             b.load_func(fn.encode(), kind)  # the verifier's pass, no attach
             loaded.append(fn)
         assert "rsttrace_send_reset" in loaded and "rsttrace_receive_reset" in loaded
+        # each layout's raw programs are the ones loaded (the perf variants: test_perf_variants)
+        assert "RAW_SEND_RESET" in macros and "RAW_RECEIVE_RESET" in macros
         if facts.kp_send_reset:
             assert "rsttrace_kp_send_reset" in loaded
+    finally:
+        b.cleanup()
+
+
+@pytest.mark.parametrize("root", ROOTS, ids=[os.path.basename(r) for r in ROOTS])
+def test_perf_variants_load(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The perf tracepoint programs, used where raw tracepoints are not (no BTF prototypes,
+    --no-raw-tracepoints), pass the verifier for every layout too."""
+    require_real_kernel()
+    bcc = import_bcc()
+    src, _why = kernel_headers()
+    if src:
+        monkeypatch.setenv("BCC_KERNEL_SOURCE", src)
+    facts = kernel.gather(root, release=os.path.basename(root), functions=(False, {}), tp_args={})
+    tracer = Tracer(facts, TraceOptions())
+    tracer.ringbuf = facts.ringbuf
+    b = bcc.BPF(text=tracer.source().encode(), cflags=["-Wno-unused-function"])
+    try:
+        loaded = []
+        for fn, hook, macro in tracer.plan():
+            if macro in tracer.macros() and hook.startswith("tracepoint"):
+                b.load_func(fn.encode(), bcc.BPF.TRACEPOINT)
+                loaded.append(fn)
+        assert "rsttrace_send_reset" in loaded and "rsttrace_receive_reset" in loaded
     finally:
         b.cleanup()

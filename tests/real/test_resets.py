@@ -64,7 +64,8 @@ def test_connect_to_closed_port(tracing: Any, ns: Netns, family: int, addr: str,
     before, mc0, start = ns.counters(), map_counts(tracing, ns), now_ns()
     with ns.inside():
         port = closed_port(family, addr)
-        clients = connect_refused(family, addr, port, n)
+        cookies: Dict[int, int] = {}
+        clients = connect_refused(family, addr, port, n, cookies)
     assert wait_for(lambda: len(evs(tracing, ns, start, "sent")) >= n and len(evs(tracing, ns, start, "received")) >= n)
     after, mc1 = ns.counters(), map_counts(tracing, ns)
 
@@ -87,7 +88,7 @@ def test_connect_to_closed_port(tracing: Any, ns: Netns, family: int, addr: str,
     for e in received:
         assert (e["state"], e["reason"], e["reason_source"]) == ("TCP_SYN_SENT", "ECONNREFUSED", "inferred")
         assert (e["laddr"], e["raddr"], e["rport"]) == (addr, addr, port)
-        assert e["cookie"]  # tcp_receive_reset carries the socket cookie
+        assert e["cookie"] == cookies[e["lport"]]  # the cookie the application sees (SO_COOKIE)
     assert sorted(e["lport"] for e in received) == sorted(clients)
 
 

@@ -96,3 +96,21 @@ def test_running_kernel() -> None:
     assert btf.enum_value("TCP_ESTABLISHED") == 1 and btf.enum_value("TCP_LISTEN") == 10
     assert btf.member("sock.__sk_common.skc_family").size == 2
     assert btf.member("sk_buff.transport_header").size == 2
+
+
+def test_tracepoint_prototype() -> None:
+    """typedef void (*btf_trace_x)(void *__data, const struct outer *, void *, enum colors)."""
+    b = Blob()
+    outer = b.add("outer", 4, 0, 0)
+    const_outer = b.add("", 10, 0, outer)
+    p_outer = b.add("", 2, 0, const_outer)
+    void_p = b.add("", 2, 0, 0)
+    colors = b.add("colors", 6, 1, 4, struct.pack("<Ii", b.s("RED"), 0))
+    params = [("__data", void_p), ("", p_outer), ("", void_p), ("", colors)]
+    proto = b.add("", 13, len(params), 0, b"".join(struct.pack("<II", b.s(n), t) for n, t in params))
+    fp = b.add("", 2, 0, proto)
+    b.add("btf_trace_x", 8, 0, fp)
+    btf = Btf(b.build())
+    assert btf.tracepoint_args("x") == ["struct outer *", "void *", "enum colors"]
+    with pytest.raises(BtfError, match="no prototype for tracepoint y"):
+        btf.tracepoint_args("y")

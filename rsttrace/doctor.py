@@ -116,6 +116,10 @@ def run(load: bool = True) -> List[Check]:
                             required=False))
         checks.append(Check("ring buffer", facts.ringbuf, "BPF_MAP_TYPE_RINGBUF" if facts.ringbuf
                             else "perf buffer will be used (kernel < 5.8 or no BTF)", required=False))
+        raw = [tp for tp in ("tcp_send_reset", "tcp_receive_reset", "kfree_skb") if facts.raw_args(tp)]
+        checks.append(Check("raw tracepoints", bool(raw), "arguments typed by BTF for: %s" % ", ".join(raw) if raw
+                            else "no BTF prototypes (btf_trace_*, 5.5+): perf tracepoints, which cost more per "
+                            "reset", required=False))
         kprobes = os.path.exists(os.path.join(tracefs or "", "kprobe_events"))
         checks.append(Check("kprobes", kprobes, "available" if kprobes else "not built into this kernel "
                             "(CONFIG_KPROBES off): only tracepoints are used", required=False))
@@ -138,6 +142,8 @@ def run(load: bool = True) -> List[Check]:
             detail = "compiled and attached %s in %.2fs" % (", ".join(attached), took)
             if missing:
                 detail += "; not attached: " + ", ".join(missing)
+            for note in tr.notes:
+                detail += "; " + note
             checks.append(Check("load test", True, detail))
         except TracerError as e:
             checks.append(Check("load test", False, str(e), "see the failed checks above"))

@@ -29,3 +29,32 @@ def test_reset_programs_run_on_the_hooks_asked_for(tracing: object) -> None:
     raw = tracer.options.raw_tracepoints and bool(tracing.facts.tp_args)  # type: ignore[attr-defined]
     for program in ("rsttrace_send_reset", "rsttrace_receive_reset"):
         assert hooks[program].split()[0] == ("raw_tracepoint" if raw else "tracepoint")
+
+
+def test_a_failed_raw_attach_falls_back_to_perf_tracepoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that refuses BPF_RAW_TRACEPOINT_OPEN (say, a security module) still gets traced."""
+    from realkernel import require_real_kernel
+
+    require_real_kernel()
+    from rsttrace import tracefs
+    from rsttrace.bccload import import_bcc
+    from rsttrace.tracer import TraceOptions, Tracer
+
+    facts = kernel.gather(tracefs.ensure_tracefs()[0])
+    if not facts.raw_args("tcp_send_reset"):
+        pytest.skip("this kernel has no raw tracepoint plan to fall back from")
+    bcc = import_bcc()
+
+    def refuse(self: object, tp: bytes = b"", fn_name: bytes = b"") -> None:
+        raise Exception("Failed to attach BPF to raw tracepoint: Operation not permitted")
+
+    monkeypatch.setattr(bcc.BPF, "attach_raw_tracepoint", refuse)
+    tracer = Tracer(facts, TraceOptions(events=False))
+    tracer.start()
+    try:
+        hooks = {a.program: a.hook for a in tracer.attachments if a.attached}
+        assert hooks["rsttrace_send_reset"] == "tracepoint tcp:tcp_send_reset"
+        assert len(tracer.notes) == 1 and "Operation not permitted" in tracer.notes[0]
+        assert "perf tracepoints" in tracer.notes[0]
+    finally:
+        tracer.close()

@@ -251,10 +251,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
     out = sys.stdout
     as_json = args.json
 
+    # Lines are written in batches (256, or what a poll brought), not one write per event: the
+    # call cost ~1.7 us an event in the every-event storm's profile. Every poll ends with a flush.
+    pending: List[str] = []
+    line = output.json_line if as_json else output.human
+
     def sink(ev: Event) -> None:
-        out.write((output.json_line(ev) if as_json else output.human(ev)) + "\n")
+        pending.append(line(ev))
+        if len(pending) >= 256:  # one poll can run on for as long as a storm keeps the ring fed
+            out.write("\n".join(pending) + "\n")
+            pending.clear()
         if args.log_events:
             logger.info("tcp_reset_event", **ev.to_dict())
+
+    def drain() -> None:
+        if pending:
+            out.write("\n".join(pending) + "\n")
+            pending.clear()
+        out.flush()
 
     session = Session(facts, options, sink=sink, event_filter=filt, overflow_interval=args.overflow_interval,
                       proc_root=args.proc_root)
@@ -274,7 +288,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         held = [0, time.monotonic() + 5.0]
 
         def after_poll() -> None:
-            out.flush()
+            drain()
             if time.monotonic() >= held[1]:  # say it when the budget holds events back
                 held[1] = time.monotonic() + 5.0
                 n = session.lost()["suppressed"]
@@ -284,6 +298,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
                     held[0] = n
 
         session.run(stopper.event, duration=args.duration, max_events=args.count, after_poll=after_poll)
+        drain()
     finally:
         lost = session.lost()
         session.close()

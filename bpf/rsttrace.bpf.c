@@ -434,6 +434,43 @@ static __always_inline u16 skb_family(const void *skb)
 #endif
 
 /* --- tcp:tcp_send_reset -------------------------------------------------------------- */
+#ifdef HAVE_TP_SEND_RESET
+/* sk_fullsock(): TIME_WAIT and request mini-sockets (6.10+ passes them) end where struct sock's
+ * own fields begin; only struct sock_common may be read from them. */
+static __always_inline int sent_fullsock(const void *sk, const struct rsttrace_event *e)
+{
+	return sk && e->state != RSTTRACE_TCP_TIME_WAIT && e->state != RSTTRACE_TCP_NEW_SYN_RECV;
+}
+
+/* Before counting. Without the kernel's reason, the inferred one depends on whether the owner
+ * was closing the socket, so the owner is part of the counter key. */
+static __always_inline void sent_key_owner(const void *sk, int fullsock, struct rsttrace_event *e)
+{
+#ifndef SEND_HAS_REASON
+	if (fullsock && e->state != RSTTRACE_TCP_LISTEN)
+		owner(sk, e);
+#endif
+}
+
+/* After admit(), once the addresses are in: what only an event carries. */
+static __always_inline void sent_details(const void *sk, const void *skb, int fullsock, struct rsttrace_event *e)
+{
+	if (!sk)
+		return;
+	e->cookie = sk_cookie(sk);
+	/* tcp_check_req passes the listener (net/ipv4/tcp_minisocks.c embryonic_reset): its
+	 * addresses are the bind address; the packet has the real peer. */
+	if (e->state == RSTTRACE_TCP_LISTEN && skb) {
+		peer_from_packet(skb, e);
+	} else if (fullsock) {
+#ifdef SEND_HAS_REASON
+		owner(sk, e);
+#endif
+		e->cgroup_id = sk_cgroup_id(sk);
+	}
+}
+#endif
+
 #if defined(HAVE_TP_SEND_RESET) && defined(RAW_SEND_RESET)
 /*
  * Raw: trace_tcp_send_reset(sk, skb[, reason]) as called (net/ipv4/tcp_ipv4.c,
@@ -444,7 +481,7 @@ static __always_inline u16 skb_family(const void *skb)
 int rsttrace_send_reset(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct rsttrace_event e = {};
-	struct rsttrace_skc c = {};
+	struct rsttrace_skc c = {}; /* read only when sk is set; zeroed so no path reads it uninit */
 	const void *sk = (const void *)ctx->args[RAW_SEND_RESET_SK];
 	const void *skb = (const void *)ctx->args[RAW_SEND_RESET_SKB];
 	int fullsock;
@@ -464,14 +501,8 @@ int rsttrace_send_reset(struct bpf_raw_tracepoint_args *ctx)
 		e.netns = skb_dev_netns(skb);
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
-	/* sk_fullsock(): TIME_WAIT and request mini-sockets (6.10+ passes them) end where struct
-	 * sock's own fields begin; only struct sock_common may be read from them */
-	fullsock = sk && e.state != RSTTRACE_TCP_TIME_WAIT && e.state != RSTTRACE_TCP_NEW_SYN_RECV;
-#ifndef RAW_SEND_RESET_REASON
-	/* the inferred reason depends on whether the owner was closing it: part of the key */
-	if (fullsock && e.state != RSTTRACE_TCP_LISTEN)
-		owner(sk, &e);
-#endif
+	fullsock = sent_fullsock(sk, &e);
+	sent_key_owner(sk, fullsock, &e);
 	count_event(&e);
 	if (!admit(&e))
 		return 0;
@@ -482,19 +513,7 @@ int rsttrace_send_reset(struct bpf_raw_tracepoint_args *ctx)
 		skc_addrs(sk, &c, &e);
 	else if (skb)
 		skb_tuple(skb, &e);
-	if (sk) {
-		e.cookie = sk_cookie(sk);
-		/* tcp_check_req passes the listener (net/ipv4/tcp_minisocks.c embryonic_reset):
-		 * its addresses are the bind address; the packet has the real peer. */
-		if (e.state == RSTTRACE_TCP_LISTEN && skb) {
-			peer_from_packet(skb, &e);
-		} else if (fullsock) {
-#ifdef RAW_SEND_RESET_REASON
-			owner(sk, &e);
-#endif
-			e.cgroup_id = sk_cgroup_id(sk);
-		}
-	}
+	sent_details(sk, skb, fullsock, &e);
 	emit(ctx, &e);
 	return 0;
 }
@@ -520,9 +539,7 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 #endif
 	if (!skb)
 		e.flags |= RSTTRACE_F_ACTIVE;
-	/* sk_fullsock(): TIME_WAIT and request mini-sockets (6.10+ passes them) end where struct
-	 * sock's own fields begin; only struct sock_common may be read from them */
-	fullsock = sk && e.state != RSTTRACE_TCP_TIME_WAIT && e.state != RSTTRACE_TCP_NEW_SYN_RECV;
+	fullsock = sent_fullsock(sk, &e);
 #ifdef SEND_ADDR_SOCKADDR
 	e.family = sockaddr_family(args->saddr);
 #elif defined(SEND_HAS_FAMILY)
@@ -537,11 +554,7 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 		e.netns = skb_dev_netns(skb);
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
-#ifndef SEND_HAS_REASON
-	/* the inferred reason depends on whether the owner was closing it: part of the key */
-	if (fullsock && e.state != RSTTRACE_TCP_LISTEN)
-		owner(sk, &e);
-#endif
+	sent_key_owner(sk, fullsock, &e);
 	count_event(&e);
 	if (!admit(&e))
 		return 0;
@@ -552,20 +565,7 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 #else
 	COPY_SPLIT_ADDRS(args, e);
 #endif
-	if (sk) {
-		e.cookie = sk_cookie(sk);
-		/* tcp_check_req passes the listener (net/ipv4/tcp_minisocks.c embryonic_reset):
-		 * its addresses are the bind address with port 0 for the peer; the packet has the
-		 * real peer. */
-		if (e.state == RSTTRACE_TCP_LISTEN && skb) {
-			peer_from_packet(skb, &e);
-		} else if (fullsock) {
-#ifdef SEND_HAS_REASON
-			owner(sk, &e);
-#endif
-			e.cgroup_id = sk_cgroup_id(sk);
-		}
-	}
+	sent_details(sk, skb, fullsock, &e);
 	emit(args, &e);
 	return 0;
 }
@@ -579,7 +579,7 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 int rsttrace_receive_reset(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct rsttrace_event e = {};
-	struct rsttrace_skc c = {};
+	struct rsttrace_skc c; /* filled by skc_head()'s read (zeroed by it on a fault) */
 	const void *sk = (const void *)ctx->args[RAW_RECEIVE_RESET_SK];
 
 	if (!sk)

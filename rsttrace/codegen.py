@@ -61,9 +61,10 @@ def macros(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None)
     return out
 
 
-def prelude(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None) -> str:
-    """``extra`` adds or overrides macros; a None value removes one."""
-    macros_ = macros(facts, extra)
+def prelude(facts: KernelFacts, macros_: Optional[Dict[str, str]] = None) -> str:
+    """The #defines (default: the kernel's, see macros()) and the record structs."""
+    if macros_ is None:
+        macros_ = macros(facts)
     out: List[str] = ["/* rsttrace prelude for kernel %s: generated at start, do not edit */" % facts.release]
     for name in sorted(macros_):
         out.append("#define %s %s" % (name, macros_[name]))
@@ -78,7 +79,7 @@ def prelude(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None
     return "\n".join(out) + "\n"
 
 
-def program(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None) -> str:
+def program(facts: KernelFacts, macros_: Optional[Dict[str, str]] = None) -> str:
     """The full C text handed to bcc (also what ``rsttrace trace --ebpf`` prints)."""
     with open(os.path.join(BPF_DIR, "rsttrace.h")) as f:
         header = f.read()
@@ -87,4 +88,4 @@ def program(facts: KernelFacts, extra: Optional[Dict[str, Optional[str]]] = None
     # Inline the contract header so the text is self-contained (bcc needs no -I, and --ebpf
     # output compiles as printed).
     body = body.replace('#include "rsttrace.h"', header, 1)
-    return prelude(facts, extra) + body
+    return prelude(facts, macros_) + body

@@ -80,18 +80,17 @@ class Tracer:
             m["RSTTRACE_RATE_PER_CPU"] = "%dULL" % max(1, -(-self.options.max_event_rate // cpus))
         if not self.ringbuf:
             m["RSTTRACE_RINGBUF"] = None  # codegen drops None macros
-        if not self.options.raw_tracepoints:
-            for name in self.facts.macros():
-                if name.startswith("RAW_"):
-                    m[name] = None
         return m
 
     def macros(self) -> Dict[str, str]:
         """The #defines the program is built with: the kernel's facts and our options."""
-        return codegen.macros(self.facts, self.extra_macros())
+        m = codegen.macros(self.facts, self.extra_macros())
+        if not self.options.raw_tracepoints:  # every RAW_* says "raw" (bpf/rsttrace.bpf.c)
+            m = {k: v for k, v in m.items() if not k.startswith("RAW_")}
+        return m
 
     def source(self) -> str:
-        return codegen.program(self.facts, self.extra_macros())
+        return codegen.program(self.facts, self.macros())
 
     def start(self, callback: Optional[Callable[[bytes], None]] = None) -> None:
         """Compile and attach. Raises TracerError with a one-line fix on failure."""
@@ -143,7 +142,7 @@ class Tracer:
         try:
             for fn, hook, macro in self.plan():
                 if macro not in macros:
-                    if hook.startswith("tracepoint") or hook.startswith("raw_tracepoint"):
+                    if not hook.startswith("kprobe"):
                         self.attachments.append(Attachment(fn, hook, False, "not available on this kernel"))
                     continue
                 try:

@@ -152,13 +152,32 @@ def name_reason(
     return None, None
 
 
-# One unpack of the whole record instead of 20 ctypes attribute reads. "=": native byte order
-# (as ctypes and the BPF program use) without alignment padding; RawEvent has explicit padding.
-RAW = struct.Struct("=QQQIIIIIHHHHBB2x16s16s16s")
+def _struct_of(record: Any) -> Tuple[struct.Struct, Tuple[str, ...]]:
+    """A struct.Struct unpacking a ctypes record in one call, and the names of what it yields.
+
+    Built from the contract's own fields, so it cannot drift from contract.RawEvent (which a
+    test holds to bpf/rsttrace.h). "=": native byte order, no implicit alignment: the record's
+    padding is explicit (fields named ``pad``).
+    """
+    codes = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.c_uint16: "H", ctypes.c_uint8: "B"}
+    fmt, names = "=", []
+    for name, ctype in record._fields_:
+        code = codes.get(ctype)
+        if name == "pad":
+            fmt += "%dx" % ctypes.sizeof(ctype)
+            continue
+        fmt += code if code else "%ds" % ctypes.sizeof(ctype)  # byte and char arrays
+        names.append(name)
+    return struct.Struct(fmt), tuple(names)
+
+
+# One unpack of the whole record instead of 20 ctypes attribute reads.
+RAW, _RAW_FIELDS = _struct_of(c.RawEvent)
 RAW_SIZE = RAW.size
-if ctypes.sizeof(c.RawEvent) != RAW_SIZE:  # not an assert: python -O must not skip it
-    raise ImportError("events.RAW (%d bytes) does not match contract.RawEvent (%d)" % (
-        RAW_SIZE, ctypes.sizeof(c.RawEvent)))
+_UNPACKED = ("ktime_ns", "cookie", "cgroup_id", "netns", "pid", "reason", "backlog", "max_backlog", "kind",
+             "family", "lport", "rport", "state", "flags", "laddr", "raddr", "comm")  # Decoder.decode's order
+if _RAW_FIELDS != _UNPACKED or ctypes.sizeof(c.RawEvent) != RAW_SIZE:  # not an assert: -O must not skip it
+    raise ImportError("contract.RawEvent changed: update Decoder.decode's unpacking (%s)" % ", ".join(_RAW_FIELDS))
 
 _PROCESS, _KPROBE, _PEER = c.F_PROCESS, c.F_KPROBE, c.F_PEER_FROM_SKB
 _AF_INET, _AF_INET6 = c.AF_INET, c.AF_INET6
@@ -216,14 +235,6 @@ class Decoder:
         )
 
 
-_decoders: Dict[Tuple[int, int], Decoder] = {}
-
-
 def decode(raw: Union[bytes, c.RawEvent], facts: KernelFacts, clock: Clock) -> Event:
-    """One raw record (bytes as the tracer hands them, or a RawEvent) to an Event."""
-    d = _decoders.get((id(facts), id(clock)))
-    if d is None:
-        if len(_decoders) >= 16:
-            _decoders.clear()  # the Decoder holds facts and clock, so their ids stay theirs meanwhile
-        d = _decoders[(id(facts), id(clock))] = Decoder(facts, clock)
-    return d.decode(raw if type(raw) is bytes else bytes(raw))
+    """One raw record (bytes, or a RawEvent) to an Event. A stream of them: hold a Decoder."""
+    return Decoder(facts, clock).decode(raw if type(raw) is bytes else bytes(raw))

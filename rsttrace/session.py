@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import contract as c
-from .events import Clock, Event, decode, name_reason
+from .events import Clock, Decoder, Event, name_reason
 from .filters import EventFilter
 from .kernel import KernelFacts
 from .overflow import OverflowPoller
@@ -51,6 +51,7 @@ class Session:
         self.filter = event_filter or EventFilter()
         self.attribute = attribute
         self.clock = Clock()
+        self._decode = Decoder(facts, self.clock).decode
         self.tracer = Tracer(facts, options)
         self.overflow_interval = overflow_interval
         self.poller: Optional[OverflowPoller] = None
@@ -100,7 +101,7 @@ class Session:
 
     # --- events ------------------------------------------------------------------------
     def _on_raw(self, raw: bytes) -> None:
-        self.deliver(decode(raw, self.facts, self.clock))
+        self.deliver(self._decode(raw))
 
     def deliver(self, ev: Event) -> None:
         if not self.filter.match(ev):

@@ -256,18 +256,20 @@ def cmd_trace(args: argparse.Namespace) -> int:
     pending: List[str] = []
     line = output.json_line if as_json else output.human
 
+    def write_pending() -> None:
+        if pending:
+            out.write("\n".join(pending) + "\n")
+            pending.clear()
+
     def sink(ev: Event) -> None:
         pending.append(line(ev))
         if len(pending) >= 256:  # one poll can run on for as long as a storm keeps the ring fed
-            out.write("\n".join(pending) + "\n")
-            pending.clear()
+            write_pending()
         if args.log_events:
             logger.info("tcp_reset_event", **ev.to_dict())
 
     def drain() -> None:
-        if pending:
-            out.write("\n".join(pending) + "\n")
-            pending.clear()
+        write_pending()
         out.flush()
 
     session = Session(facts, options, sink=sink, event_filter=filt, overflow_interval=args.overflow_interval,

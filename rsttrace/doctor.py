@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .bccload import BccMissing, bcc_version, import_bcc, kernel_headers
-from .kernel import KernelFacts, gather
+from .kernel import RAW_ROLES, KernelFacts, gather
 from .tracefs import TracefsError, ensure_tracefs, find_tracefs
 
 CAP_SYS_ADMIN = 21
@@ -116,7 +116,7 @@ def run(load: bool = True) -> List[Check]:
                             required=False))
         checks.append(Check("ring buffer", facts.ringbuf, "BPF_MAP_TYPE_RINGBUF" if facts.ringbuf
                             else "perf buffer will be used (kernel < 5.8 or no BTF)", required=False))
-        raw = [tp for tp in ("tcp_send_reset", "tcp_receive_reset", "kfree_skb") if facts.raw_args(tp)]
+        raw = [tp for tp in RAW_ROLES if facts.raw_args(tp)]
         checks.append(Check("raw tracepoints", bool(raw), "arguments typed by BTF for: %s" % ", ".join(raw) if raw
                             else "no BTF prototypes (btf_trace_*, 5.5+): perf tracepoints, which cost more per "
                             "reset", required=False))

@@ -12,15 +12,13 @@ import os
 
 import pytest
 from realkernel import require_real_kernel
-from testpaths import FIXTURES, KERNEL_FORMATS
+from testpaths import KERNEL_ROOTS
 
 from rsttrace import kernel
 from rsttrace.bccload import import_bcc, kernel_headers
 from rsttrace.tracer import TraceOptions, Tracer
 
-ROOTS = [os.path.join(KERNEL_FORMATS, d) for d in sorted(os.listdir(KERNEL_FORMATS))
-         if os.path.isdir(os.path.join(KERNEL_FORMATS, d))]
-ROOTS += [os.path.join(FIXTURES, "kernel-descriptions", d) for d in ("5.4-like", "5.15-like", "6.8-like")]
+ROOTS = list(KERNEL_ROOTS.values())
 
 
 @pytest.mark.parametrize("root", ROOTS, ids=[os.path.basename(r) for r in ROOTS])

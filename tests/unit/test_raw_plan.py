@@ -10,21 +10,11 @@ import os
 from typing import Dict, Optional
 
 import pytest
-from testpaths import FIXTURES, KERNEL_FORMATS
+from testpaths import KERNEL_ROOTS as ROOTS
 
 from rsttrace import kernel
 from rsttrace.tracer import TraceOptions, Tracer
 
-DESC = os.path.join(FIXTURES, "kernel-descriptions")
-ROOTS = {
-    "5.4": os.path.join(DESC, "5.4-like"),
-    "5.10": os.path.join(KERNEL_FORMATS, "5.10.0-32-amd64"),
-    "5.15": os.path.join(DESC, "5.15-like"),
-    "6.1": os.path.join(KERNEL_FORMATS, "6.1.0-50-amd64"),
-    "6.8": os.path.join(DESC, "6.8-like"),
-    "6.12": os.path.join(KERNEL_FORMATS, "6.12.107+deb13-amd64"),
-    "6.18": os.path.join(KERNEL_FORMATS, "6.18.44-fc-v657"),
-}
 SKC_6_18 = {"OFF_SK_DADDR": 0, "OFF_SK_RCV_SADDR": 4, "OFF_SK_DPORT": 12, "OFF_SK_NUM": 14, "OFF_SK_FAMILY": 16,
             "OFF_SK_STATE": 18, "OFF_SK_NET": 48, "OFF_SK_V6_DADDR": 56, "OFF_SK_V6_RCV_SADDR": 72}
 

@@ -230,7 +230,7 @@ class Btf:
         except BtfError:
             raise BtfError("no prototype for tracepoint %s in BTF" % tracepoint) from None
         ptr = self.resolve(tid)
-        pos, kind, _vlen, _kf, _no, target = self._recs[ptr]
+        _pos, kind, _vlen, _kf, _no, target = self._recs[ptr]
         if kind != KIND_PTR:
             raise BtfError("btf_trace_%s is not a function pointer" % tracepoint)
         proto = self.resolve(target)

@@ -422,7 +422,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from .exporter import LogLimiter, SeriesCap, SessionCollector, parse_listen, serve
+    from .exporter import LogLimiter, SeriesCap, SessionCollector
+    from .httpserve import StartingApp, bind, parse_listen
 
     try:
         host, port = parse_listen(args.listen)
@@ -430,6 +431,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
     if args.log_rate < 0 or args.max_port_labels < 0 or args.max_series < 1:
         raise UsageError("--log-rate and --max-port-labels take 0 or more, --max-series 1 or more")
+    # Bound before bcc's compile: a taken port is said at once, and probes meanwhile get a 503
+    # ("starting") rather than a refused connection.
+    try:
+        httpd = bind(host, port)
+    except OSError as e:
+        raise UsageError("cannot listen on %s: %s" % (args.listen, e.strerror or e)) from e
+    app = StartingApp()
+    httpd.start(app)
     facts = prepare()
     logger = log.get()
     limiter = LogLimiter(args.log_rate)
@@ -453,7 +462,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         session.attribute = event_attributor(enricher)
     stopper = Stopper()
     session.start()
-    httpd = None
     try:
         _log_attach(session)
         registry = CollectorRegistry()
@@ -473,11 +481,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             attached = any(a.attached for a in session.tracer.attachments)
             return attached and time.monotonic() - session.last_loop < 5.0
 
-        try:
-            httpd = serve(registry, host, port, healthy)
-        except OSError as e:
-            raise UsageError("cannot listen on %s: %s" % (args.listen, e.strerror or e)) from e
-        logger.info("serving", listen=args.listen, metrics="/metrics", health="/healthz")
+        app.ready(registry, healthy)
+        logger.info("serving", listen=args.listen, metrics="/metrics", health="/healthz",
+                    max_connections=httpd.max_connections)
         next_report = time.monotonic() + args.log_interval
 
         held_before = 0
@@ -499,9 +505,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         session.run(stopper.event, after_poll=report)
     finally:
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        httpd.close()
         lost = session.lost()
         session.close()
         if enricher is not None:

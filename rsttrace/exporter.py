@@ -14,16 +14,11 @@ into an ``other`` bucket.
 
 from __future__ import annotations
 
-import ipaddress
 import platform
-import socket
 import threading
 import time
-from socketserver import ThreadingMixIn
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import __version__, procnet
@@ -207,62 +202,6 @@ class SessionCollector:
                 m = CounterMetricFamily("rsttrace_kernel_tcp_" + short, doc + ", host network namespace")
                 m.add_metric([], kc[section][name])
                 yield m
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's signature
-        pass  # access logs would flood the event log pipeline
-
-
-def parse_listen(value: str) -> Tuple[str, int]:
-    """host:port, [v6]:port, or :port (all IPv4 addresses). Raises ValueError with the rule."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        raise ValueError("--listen takes HOST:PORT, e.g. 127.0.0.1:%d or [::1]:%d" % (DEFAULT_PORT, DEFAULT_PORT))
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ipaddress.ip_address(host).version != 6:
-            raise ValueError("brackets are for IPv6 addresses: %r" % value)
-    elif ":" in host:
-        raise ValueError("put IPv6 addresses in brackets: [%s]:%s" % (host, port))
-    host = host or "0.0.0.0"
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValueError("bad port in --listen %r" % value) from None
-    if not 0 < p < 65536:
-        raise ValueError("bad port in --listen %r" % value)
-    return host, p
-
-
-def serve(registry: CollectorRegistry, host: str, port: int, healthy: Callable[[], bool]) -> _Server:
-    metrics = make_wsgi_app(registry)
-
-    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/healthz":
-            ok = healthy()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"not tracing\n"]
-        if path in ("/metrics", "/"):
-            return metrics(environ, start_response)  # type: ignore[no-any-return]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"see /metrics and /healthz\n"]
-
-    server_cls = _Server6 if ":" in host else _Server
-    httpd = make_server(host, port, app, server_class=server_cls, handler_class=_QuietHandler)
-    t = threading.Thread(target=httpd.serve_forever, name="rsttrace-http", daemon=True)
-    t.start()
-    return httpd  # type: ignore[return-value]
 
 
 class LogLimiter:

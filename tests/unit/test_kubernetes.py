@@ -45,7 +45,8 @@ import yaml
 
 from rsttrace import __version__
 from rsttrace.cli import build_parser
-from rsttrace.exporter import DEFAULT_PORT, parse_listen
+from rsttrace.exporter import DEFAULT_PORT
+from rsttrace.httpserve import parse_listen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

@@ -10,14 +10,14 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__, doctor, log, output
+from . import __version__, argcheck, doctor, log, names, output
 from .attribution import event_attributor, metric_labeler
 from .enrich import Enricher
 from .events import Event
 from .exporter import DEFAULT_PORT
-from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports, parse_reasons
+from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
 from .kernel import KernelFacts, gather
 from .reasons_text import explain
 from .session import Session, group
@@ -43,38 +43,46 @@ class UsageError(Exception):
 
 
 def fail(msg: str) -> NoReturn:
-    sys.stderr.write("rsttrace: error: %s\n" % msg)
+    sys.stderr.write("rsttrace: error: %s\n" % " ".join(msg.split()))  # one line, whatever the message held
     sys.exit(2)
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(v: str) -> Any:
-        try:
-            x = kind(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a number" % v) from None
-        if x <= 0:
-            raise argparse.ArgumentTypeError("%r must be greater than 0" % v)
-        return x
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as rsttrace's: one line naming the fix and exit 2 (not a usage block)."""
 
-    return parse
+    def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument"):  # "--count -1": -1 reads as an option (there is -4)
+            message += ", and a value starting with - must be written --flag=VALUE"
+        fail("%s (see `%s --help`)" % (message, self.prog))
 
 
-def _netns(v: str) -> int:
-    v = v.strip()
-    if v.startswith("net:[") and v.endswith("]"):  # as `readlink /proc/PID/ns/net` prints it
-        v = v[5:-1]
-    try:
-        return int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a netns inode (a number, e.g. from `lsns -t net`)" % v) from None
+# Bounds of every number a flag takes; each flag's help states its own.
+DURATION = (0.1, 31536000.0)  # a year
+INTERVAL = (0.1, 86400.0)
+OVERFLOW_INTERVAL = (0.1, 3600.0)
+COUNT = (1, 10**12)
+EVENT_RATE = (1, 10**7)
+RING_PAGES = (1, 16384)  # 64 MiB (per CPU for the perf buffer)
+LOG_RATE = (0, 10**6)
+PORT_LABELS = (0, 65535)
+SERIES = (1, 10**6)
+
+
+def _seconds(b: Tuple[float, float]) -> Callable[[str], float]:
+    return argcheck.seconds(*b)
+
+
+def _say(b: Tuple[float, float], unit: str = "") -> str:
+    return argcheck.bounds(b[0], b[1], unit)
 
 
 def _common_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", action="append", metavar="KIND",
                    help="sent, received, listen_overflow_syn, listen_overflow_ack, syn_queue_overflow "
                         "(comma list or repeated)")
-    p.add_argument("--netns", type=_netns, metavar="INODE", help="only this network namespace (inode number)")
+    p.add_argument("--netns", type=argcheck.netns_inode, metavar="INODE",
+                   help="only this network namespace, which must exist: its inode number (1 to %d) or net:[N] as "
+                        "readlink prints it" % argcheck.NETNS_MAX)
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
@@ -111,7 +119,7 @@ def _enricher(args: argparse.Namespace) -> Optional[Enricher]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="rsttrace",
         description="Trace TCP resets sent and received and listen-queue overflows, with the kernel's reason.",
         epilog=EXAMPLES,
@@ -126,21 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="print events live", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_filters(t)
-    t.add_argument("--reason", action="append", metavar="NAME", help="only these reason names (comma list)")
-    t.add_argument("--port", action="append", metavar="PORT", help="local or remote port (comma list)")
+    t.add_argument("--reason", action="append", metavar="NAME",
+                   help="only these reason names (comma list, case-insensitive): the kernel's and rsttrace's own, "
+                        "as `rsttrace reasons` lists them")
+    t.add_argument("--port", action="append", metavar="PORT", help="local or remote port, 1 to 65535 (comma list)")
     t.add_argument("--addr", action="append", metavar="CIDR", help="local or remote address or network")
     t.add_argument("--json", action="store_true", help="one JSON object per line")
-    t.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long")
-    t.add_argument("--count", type=_positive(int), metavar="N", help="stop after N events")
+    t.add_argument("--duration", type=_seconds(DURATION), metavar="SECONDS",
+                   help="stop after this long (%s)" % _say(DURATION, "s"))
+    t.add_argument("--count", type=argcheck.integer(*COUNT), metavar="N",
+                   help="stop after N events (%s)" % _say(COUNT))
     t.add_argument("--log-events", action="store_true", help="also log each event as a structlog line (stderr)")
-    t.add_argument("--overflow-interval", type=_positive(float), default=1.0, metavar="SECONDS",
-                   help="how often counter-derived overflows are checked (default 1)")
-    t.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N",
-                   help="ring buffer size in pages (power of 2, default 64)")
+    t.add_argument("--overflow-interval", type=_seconds(OVERFLOW_INTERVAL), default=1.0, metavar="SECONDS",
+                   help="how often counter-derived overflows are checked (%s, default 1)"
+                        % _say(OVERFLOW_INTERVAL, "s"))
+    t.add_argument("--ring-pages", type=argcheck.integer(*RING_PAGES, power_of_two=True), default=64, metavar="N",
+                   help="ring buffer size in pages (a power of 2, %s, default 64)" % _say(RING_PAGES))
     rate = t.add_mutually_exclusive_group()
-    rate.add_argument("--max-event-rate", type=_positive(int), default=1000, metavar="N",
+    rate.add_argument("--max-event-rate", type=argcheck.integer(*EVENT_RATE), default=1000, metavar="N",
                       help="at most about N events a second reach user space; the kernel counts and reports "
-                           "the rest, and every counter stays exact (default 1000)")
+                           "the rest, and every counter stays exact (%s, default 1000)" % _say(EVENT_RATE))
     rate.add_argument("--all-events", action="store_true",
                       help="deliver every event (a storm then costs the traced workload more)")
     t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
@@ -151,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  rsttrace summary --interval 10\n  rsttrace summary --kind sent --json\n")
     _common_filters(s)
-    s.add_argument("--interval", type=_positive(float), default=5.0, metavar="SECONDS", help="default 5")
-    s.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long")
+    s.add_argument("--interval", type=_seconds(INTERVAL), default=5.0, metavar="SECONDS",
+                   help="%s, default 5" % _say(INTERVAL, "s"))
+    s.add_argument("--duration", type=_seconds(DURATION), metavar="SECONDS",
+                   help="stop after this long (%s)" % _say(DURATION, "s"))
     s.add_argument("--json", action="store_true", help="one JSON object per interval")
     _hook_args(s)
 
@@ -164,19 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--listen", default="127.0.0.1:%d" % DEFAULT_PORT, metavar="HOST:PORT",
                    help="address to serve on, IPv6 in brackets (default 127.0.0.1:%d: nothing exposed "
                         "by accident)" % DEFAULT_PORT)
-    e.add_argument("--log-rate", type=int, default=20, metavar="N",
-                   help="at most N event log lines per second, 0 = no event log (default 20)")
-    e.add_argument("--log-interval", type=_positive(float), default=10.0, metavar="SECONDS",
-                   help="how often the number of suppressed event lines is logged (default 10)")
-    e.add_argument("--max-port-labels", type=int, default=64, metavar="N",
-                   help="listening ports that get their own label; later ones are port=\"other\" (default 64)")
-    e.add_argument("--max-series", type=int, default=2000, metavar="N",
-                   help="series per exporter beyond which label sets fold into \"other\" (default 2000)")
+    e.add_argument("--log-rate", type=argcheck.integer(*LOG_RATE), default=20, metavar="N",
+                   help="at most N event log lines per second, 0 = no event log (%s, default 20)" % _say(LOG_RATE))
+    e.add_argument("--log-interval", type=_seconds(INTERVAL), default=10.0, metavar="SECONDS",
+                   help="how often the number of suppressed event lines is logged (%s, default 10)"
+                        % _say(INTERVAL, "s"))
+    e.add_argument("--max-port-labels", type=argcheck.integer(*PORT_LABELS), default=64, metavar="N",
+                   help="listening ports that get their own label; later ones are port=\"other\" (%s, default 64)"
+                        % _say(PORT_LABELS))
+    e.add_argument("--max-series", type=argcheck.integer(*SERIES), default=2000, metavar="N",
+                   help="series per exporter beyond which label sets fold into \"other\" (%s, default 2000)"
+                        % _say(SERIES))
     e.add_argument("--netns-label", action="store_true",
                    help="add a netns label (the namespace inode) to the reset and overflow counters")
-    e.add_argument("--overflow-interval", type=_positive(float), default=1.0, metavar="SECONDS",
-                   help="how often counter-derived overflows are checked (default 1)")
-    e.add_argument("--ring-pages", type=_positive(int), default=64, metavar="N", help="ring buffer pages")
+    e.add_argument("--overflow-interval", type=_seconds(OVERFLOW_INTERVAL), default=1.0, metavar="SECONDS",
+                   help="how often counter-derived overflows are checked (%s, default 1)"
+                        % _say(OVERFLOW_INTERVAL, "s"))
+    e.add_argument("--ring-pages", type=argcheck.integer(*RING_PAGES, power_of_two=True), default=64, metavar="N",
+                   help="ring buffer size in pages (a power of 2, %s, default 64)" % _say(RING_PAGES))
     e.add_argument("--metric-pod-labels", action="store_true",
                    help="add namespace and pod labels to the reset and overflow counters (capped by --max-series)")
     _hook_args(e)
@@ -200,17 +220,35 @@ def prepare(need_root: bool = True) -> KernelFacts:
             raise UsageError(prob)
     try:
         root, mounted = ensure_tracefs()
-    except (TracefsError, OSError) as e:
+    except TracefsError as e:
+        raise UsageError(str(e)) from e  # it names the fix
+    except OSError as e:
         raise UsageError("%s (mount -t tracefs nodev /sys/kernel/tracing as root)" % e) from e
     for m in mounted:
         logger.info("mounted", what=m)
     try:
         facts = gather(root)
     except (TracefsError, OSError) as e:
-        raise UsageError("reading the kernel's tracepoint formats failed: %s" % e) from e
+        fix = "run as root" if os.geteuid() else "see `rsttrace doctor`"
+        raise UsageError("reading the kernel's tracepoint formats failed: %s (%s)" % (e, fix)) from e
     for w in facts.warnings:
         logger.warning("degraded", detail=w)
     return facts
+
+
+def check_against_kernel(args: argparse.Namespace, facts: KernelFacts) -> None:
+    """What only the running system can judge, checked before anything is compiled: reason names
+    (the kernel's table and rsttrace's own, names.valid_reasons), --proc-root, that --netns exists."""
+    try:
+        names.check_reasons(getattr(args, "reason", None), facts)
+    except names.ReasonError as e:
+        raise UsageError(str(e)) from e
+    proc_root = getattr(args, "proc_root", "/proc")
+    if not os.path.isdir(proc_root):
+        raise UsageError("--proc-root %s: no such directory (the host's /proc, as mounted here)" % proc_root)
+    if args.netns is not None and not argcheck.netns_exists(args.netns, proc_root):
+        raise UsageError("--netns %d: no network namespace has that inode now (see `lsns -t net`, `ip netns list`; "
+                         "a pod's: readlink /proc/PID/ns/net)" % args.netns)
 
 
 def _family(args: argparse.Namespace) -> Optional[str]:
@@ -233,17 +271,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
     try:
         filt = EventFilter(
             kinds=parse_kinds(args.kind),
-            reasons=parse_reasons(args.reason),
+            reasons=names.check_reasons(args.reason, None),  # names checked once the kernel is read
             ports=parse_ports(args.port),
             addrs=parse_addrs(args.addr),
             netns=args.netns,
             family=_family(args),
         )
-    except FilterError as e:
+    except (FilterError, names.ReasonError) as e:
         raise UsageError(str(e)) from e
-    if args.ring_pages & (args.ring_pages - 1):
-        raise UsageError("--ring-pages must be a power of 2, got %d" % args.ring_pages)
     facts = prepare(need_root=not args.ebpf)
+    check_against_kernel(args, facts)
     options = TraceOptions(events=True, kinds=filt.kinds, netns=args.netns, ring_pages=args.ring_pages,
                            max_event_rate=None if args.all_events else args.max_event_rate,
                            raw_tracepoints=not args.no_raw_tracepoints)
@@ -336,6 +373,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     except FilterError as e:
         raise UsageError(str(e)) from e
     facts = prepare()
+    check_against_kernel(args, facts)
     family = _family(args)
     # Counters only: nothing crosses the ring buffer, so a summary costs the traced
     # workload as little as rsttrace can.
@@ -523,8 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help(sys.stderr)
-        return 2
+        fail("no command given: one of %s (see `rsttrace --help`)" % ", ".join(COMMANDS))
     log.configure(args.log_level, args.log_format)
     try:
         return COMMANDS[args.command](args)

@@ -35,10 +35,7 @@ def parse_ports(values: Optional[Sequence[str]]) -> Optional[Set[int]]:
     out: Set[int] = set()
     for v in values:
         for p in v.split(","):
-            try:
-                port = int(p)
-            except ValueError:
-                raise FilterError("bad port %r: a number from 1 to 65535" % p) from None
+            port = int(p) if p.strip().isascii() and p.strip().isdigit() else -1  # int() takes "８０", "8_0"
             if not 0 < port < 65536:
                 raise FilterError("bad port %r: a number from 1 to 65535" % p)
             out.add(port)

@@ -15,14 +15,20 @@ distro's ``-common`` and arch header trees into a private directory and name it 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import glob
 import importlib.util
 import os
 import platform
 import re
+import shutil
+import stat
 import sys
+import tempfile
+from contextlib import contextmanager
 from types import ModuleType
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 DIST_DIRS = (
     "/usr/lib/python3/dist-packages",  # Debian, Ubuntu
@@ -122,7 +128,7 @@ def _link_tree(src: str, dst: str) -> None:
     for root, dirs, files in os.walk(src, followlinks=True):
         rel = os.path.relpath(root, src)
         target_dir = os.path.join(dst, rel) if rel != "." else dst
-        os.makedirs(target_dir, exist_ok=True)
+        os.makedirs(target_dir, mode=0o755, exist_ok=True)
         for name in files:
             link = os.path.join(target_dir, name)
             if os.path.lexists(link):
@@ -131,6 +137,122 @@ def _link_tree(src: str, dst: str) -> None:
         # scripts/ and tools/ are kbuild programs, not headers: bcc never reads them.
         if rel == ".":
             dirs[:] = [d for d in dirs if d not in ("scripts", "tools")]
+
+
+class CacheError(BccMissing):
+    """The header cache is unsafe or unusable: the message names the path, ``fix`` what to do."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__("%s (%s)" % (problem, fix))
+        self.fix = fix
+
+
+MARKER = ".rsttrace-complete"
+
+
+def _refuse_unsafe(path: str, st: os.stat_result) -> None:
+    """ssh's rule for its keys: root compiles from this tree, so only root (or we) may have written it."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise CacheError("header cache: %s is owned by uid %d, not root: rsttrace will not compile from it"
+                         % (path, st.st_uid), "remove it, rm -rf %s, or chown -R root: %s" % (path, path))
+    if st.st_mode & 0o022:
+        raise CacheError("header cache: %s is group- or world-writable (mode %04o): rsttrace will not compile "
+                         "from it" % (path, stat.S_IMODE(st.st_mode)), "chmod go-w %s, or remove it: rm -rf %s"
+                         % (path, path))
+
+
+def _safe_dir(path: str) -> None:
+    """Create ``path`` (and missing parents) 0755 whatever the umask, or check the one there."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if parent and parent != path and not os.path.isdir(parent):
+            _safe_dir(parent)
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(path, 0o755)  # mkdir's mode is masked by the umask, in both directions
+        st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError("header cache: %s is not a directory" % path,
+                         "remove it, or set RSTTRACE_CACHE to another path")
+    if st.st_uid == os.geteuid() and st.st_mode & 0o022 and not os.listdir(path):
+        # Ours and empty (a kubelet emptyDir is created 0777): nothing in it to distrust, and once
+        # tightened nobody else can add anything.
+        os.chmod(path, 0o755)
+        st = os.stat(path)
+    _refuse_unsafe(path, st)
+
+
+def check_tree(path: str) -> None:
+    """Every directory under ``path``, and the marker, is root's (or ours) and not writable by others."""
+    _refuse_unsafe(path, os.lstat(path))
+    for root, dirs, _files in os.walk(path):
+        for d in dirs:
+            p = os.path.join(root, d)
+            _refuse_unsafe(p, os.lstat(p))
+    marker = os.path.join(path, MARKER)
+    if os.path.lexists(marker):
+        _refuse_unsafe(marker, os.lstat(marker))
+
+
+def _complete(merged: str, common: str, arch: str) -> bool:
+    """The marker names these two trees and the tree it marks is there (a marker alone is rebuilt)."""
+    try:
+        with open(os.path.join(merged, MARKER)) as f:
+            if f.read().split("\n")[:2] != [common, arch]:
+                return False
+    except OSError:
+        return False
+    return os.path.isfile(os.path.join(merged, "include", "generated", "autoconf.h")) and os.path.isdir(
+        os.path.join(merged, "include", "linux"))
+
+
+def merged_headers(cache: str, common: str, arch: str) -> str:
+    """The distro's ``-common`` and arch header trees merged (as symlinks) under the cache, built
+    once; every directory checked before use."""
+    if not os.path.isabs(cache):
+        raise CacheError("RSTTRACE_CACHE=%r is not an absolute path" % cache,
+                         "set it to a root-owned directory, or unset it for %s" % DEFAULT_CACHE)
+    merged = os.path.join(cache, "headers", os.path.basename(arch))
+    fix = ("make it writable by root, or set RSTTRACE_CACHE to a root-owned directory on a writable filesystem "
+           "(in a container: an emptyDir)")
+    try:
+        _safe_dir(cache)
+        _safe_dir(os.path.dirname(merged))
+        if os.path.lexists(merged):
+            check_tree(merged)
+            if _complete(merged, common, arch):
+                return merged
+        tmp = merged + ".tmp%d" % os.getpid()
+        old_umask = os.umask(0o022)  # the tree and marker: 0755 and 0644 whatever the caller's umask
+        try:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp)
+            _link_tree(common, tmp)
+            _link_tree(arch, tmp)
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                f.write("%s\n%s\n" % (common, arch))
+        finally:
+            os.umask(old_umask)
+        if os.path.lexists(merged):  # an incomplete or stale earlier tree: replaced, never trusted
+            shutil.rmtree(merged)
+        try:
+            os.rename(tmp, merged)
+        except OSError:
+            # another rsttrace finished first: use its tree if it is whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            check_tree(merged)
+            if not _complete(merged, common, arch):
+                raise
+    except CacheError:
+        raise
+    except OSError as e:
+        raise CacheError("header cache: %s: %s" % (e.filename or cache, e.strerror or e), fix) from e
+    return merged
 
 
 def kernel_headers(
@@ -143,10 +265,14 @@ def kernel_headers(
     """Where bcc should find headers: (directory for BCC_KERNEL_SOURCE or None, explanation).
 
     None means bcc's own lookup will work (matching /lib/modules build dir, or kheaders).
+    Raises BccMissing (CacheError for the cache) with the fix in its message.
     """
     release = release or platform.release()
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env:
+        if not os.path.isdir(os.path.join(env, "include")):
+            raise BccMissing("BCC_KERNEL_SOURCE=%s has no include/ directory: point it at a kernel headers tree "
+                             "(such as /usr/src/linux-headers-VERSION) or unset it" % env)
         return env, "BCC_KERNEL_SOURCE=%s (from the environment)" % env
     build = os.path.join(modules, release, "build")
     if os.path.isdir(os.path.join(build, "include")):
@@ -164,22 +290,69 @@ def kernel_headers(
     arch, common = (exact or pairs)[0]
     if common is None:
         return arch, "headers in %s" % arch
-    cache = cache or os.environ.get("RSTTRACE_CACHE", DEFAULT_CACHE)
-    merged = os.path.join(cache, "headers", os.path.basename(arch))
-    marker = os.path.join(merged, ".rsttrace-complete")
-    if not os.path.exists(marker):
-        tmp = merged + ".tmp%d" % os.getpid()
-        _link_tree(common, tmp)
-        _link_tree(arch, tmp)
-        with open(os.path.join(tmp, ".rsttrace-complete"), "w") as f:
-            f.write("%s\n%s\n" % (common, arch))
-        if os.path.isdir(merged):  # an incomplete earlier attempt
-            import shutil
-
-            shutil.rmtree(merged, ignore_errors=True)
-        os.makedirs(os.path.dirname(merged), exist_ok=True)
-        os.rename(tmp, merged)
+    merged = merged_headers(cache or os.environ.get("RSTTRACE_CACHE", DEFAULT_CACHE), common, arch)
     why = "%s (merged %s + %s)" % (merged, os.path.basename(common), os.path.basename(arch))
     if not exact:
         why += "; not the running kernel's version, which is fine: layouts come from BTF"
     return merged, why
+
+
+OUTPUT_MAX = 4000  # characters of captured chatter kept in the log line
+
+
+def _flush_c_stdio() -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.fflush(None)  # every C stdio stream: libbcc's printf/std::cout text still in a buffer
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def captured_output(what: str = "bcc compile") -> Iterator[None]:
+    """Whatever the body writes to file descriptors 1 and 2 (bcc's and clang's C-level chatter,
+    such as "Unable to find kernel headers" on stdout) goes to one log line on stderr instead:
+    stdout carries rsttrace's output only (``trace --json``)."""
+    from . import log
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        sink = os.memfd_create("rsttrace-" + what.replace(" ", "-"), os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # no memfd: an unlinked temporary file
+        with tempfile.TemporaryFile() as f:
+            sink = os.dup(f.fileno())
+    saved = (os.dup(1), os.dup(2))
+    streams = (sys.stdout, sys.stderr)
+    failed = False
+    try:
+        os.dup2(sink, 1)
+        os.dup2(sink, 2)
+        # Python-level prints too (bcc's own), wherever sys.stdout pointed
+        sys.stdout = sys.stderr = open(sink, "w", closefd=False)  # noqa: SIM115 - closed below
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stdout.close()
+        sys.stdout, sys.stderr = streams
+        _flush_c_stdio()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        size = os.lseek(sink, 0, os.SEEK_END)
+        os.lseek(sink, 0, os.SEEK_SET)
+        data = os.read(sink, min(size, 1 << 20))
+        os.close(sink)
+        lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+        if lines:
+            text = " | ".join(lines)
+            if len(text) > OUTPUT_MAX:
+                text = text[:OUTPUT_MAX] + " ..."
+            logger = log.get()
+            (logger.warning if failed else logger.info)("%s output" % what, lines=len(lines), output=text)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import codegen
 from . import contract as c
-from .bccload import BccMissing, bcc_version, import_bcc, kernel_headers
+from .bccload import BccMissing, bcc_version, captured_output, import_bcc, kernel_headers
 from .kernel import KernelFacts
 from .tracefs import ensure_tracefs
 
@@ -127,7 +127,8 @@ class Tracer:
         if src_dir:
             os.environ["BCC_KERNEL_SOURCE"] = src_dir
         try:
-            self.bpf = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function", "-Wno-unused-variable"])
+            with captured_output("bcc compile"):  # bcc's and clang's chatter: a log line, never stdout
+                self.bpf = bcc.BPF(text=text.encode(), cflags=["-Wno-unused-function", "-Wno-unused-variable"])
         except Exception as e:
             raise TracerError(
                 "compiling the BPF program failed: %s (headers: %s)" % (_first_line(e), self.headers)

@@ -29,18 +29,28 @@ def _ep(addr: Optional[str], port: Optional[int]) -> str:
     return "%s:%s" % (addr, port if port is not None else "*")
 
 
+def terminal_safe(text: str) -> str:
+    """``text`` with every character a terminal would act on (ESC, CR, BEL, other controls, C1,
+    line and bidi-format characters) written as ``\\xNN``/``\\uNNNN``. Process names, pod and
+    container names come from whoever named them: never let them drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else
+                   ("\\x%02x" % ord(ch) if ord(ch) < 0x100 else "\\u%04x" % ord(ch)) for ch in text)
+
+
 def human(e: Event) -> str:
     """One line, under 100 columns for an IPv4 event without an owner process (most are:
     passive resets run in softirq). IPv6 addresses and PID/COMM can make it longer."""
     state = (e.state or "-").replace("TCP_", "", 1)
     flow = "%s > %s" % (_ep(e.laddr, e.lport), _ep(e.raddr, e.rport)) if e.raddr or e.laddr else "-"
-    who = "%d/%s" % (e.pid, e.comm) if e.pid is not None else "-"
+    who = "%d/%s" % (e.pid, terminal_safe(e.comm or "")) if e.pid is not None else "-"
     if e.count != 1:
         who = "x%d %s" % (e.count, who)
     return "%-8s %-4s %-20s %-11s %-37s %-10s %s" % (
         e.time[11:19],
         SHORT_KIND.get(e.kind, e.kind[:4]),
-        e.reason or "-",
+        terminal_safe(e.reason) if e.reason else "-",
         state,
         flow,
         e.netns if e.netns is not None else "-",

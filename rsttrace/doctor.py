@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from .bccload import BccMissing, bcc_version, import_bcc, kernel_headers
+from .bccload import BccMissing, CacheError, bcc_version, import_bcc, kernel_headers
 from .kernel import RAW_ROLES, KernelFacts, gather
-from .tracefs import TracefsError, ensure_tracefs, find_tracefs
+from .tracefs import TracefsError, ensure_tracefs, find_tracefs, unreadable_tracefs
 
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
@@ -58,12 +58,16 @@ def run(load: bool = True) -> List[Check]:
     checks.append(Check("privileges", prob is None, "uid %d, CapEff %#x" % (os.geteuid(), caps), prob or ""))
 
     tracefs: Optional[str] = find_tracefs()
+    denied = unreadable_tracefs() if tracefs is None else None
     if tracefs is None and prob is None:
         try:
             tracefs, mounted = ensure_tracefs()
             checks.append(Check("tracefs", True, "mounted it: %s" % ", ".join(mounted) if mounted else tracefs))
         except TracefsError as e:
             checks.append(Check("tracefs", False, str(e), "mount -t tracefs nodev /sys/kernel/tracing"))
+    elif tracefs is None and denied is not None:  # mounted, but tracefs' root is 0700
+        checks.append(Check("tracefs", False, "mounted on %s but not readable by uid %d" % (denied, os.geteuid()),
+                            "run as root (sudo), or mount -o remount,mode=0755 %s (as root)" % denied))
     elif tracefs is None:
         checks.append(Check("tracefs", False, "not mounted", "mount -t tracefs nodev /sys/kernel/tracing (as root)"))
     else:
@@ -93,6 +97,8 @@ def run(load: bool = True) -> List[Check]:
     try:
         _dir, why = kernel_headers()
         checks.append(Check("kernel headers", True, why))
+    except CacheError as e:
+        checks.append(Check("kernel headers", False, str(e), e.fix))
     except (BccMissing, OSError) as e:
         checks.append(Check("kernel headers", False, str(e), "apt-get install linux-headers-amd64"))
 

@@ -156,11 +156,53 @@ def find_tracefs() -> Optional[str]:
     return None
 
 
+def _mount_points(mountinfo: str = "/proc/self/mountinfo") -> Dict[str, str]:
+    """mount point -> filesystem type (the last mount on a point wins, as the kernel shows it)."""
+    out: Dict[str, str] = {}
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                fields = pre.split()
+                if len(fields) > 4 and post:
+                    point = fields[4].replace("\\040", " ")
+                    out[point] = post.split()[0]
+    except OSError:
+        pass
+    return out
+
+
+def unreadable_tracefs(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """Where tracefs is mounted but this process may not read it (None: not mounted, or readable).
+
+    Tells "not mounted" from "not readable": tracefs' root is 0700 root, so without root
+    ``os.path.isdir(<tracefs>/events)`` is False either way.
+    """
+    points = _mount_points(mountinfo)
+    for path in TRACEFS_CANDIDATES:
+        # any mount on /sys/kernel/tracing counts (a bind mount too); elsewhere only tracefs
+        if not (points.get(path) == "tracefs" or (path == TRACEFS_CANDIDATES[0] and path in points)):
+            continue
+        try:
+            os.stat(os.path.join(path, "events"))
+        except PermissionError:
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def not_readable_message(path: str) -> str:
+    return ("tracefs is mounted on %s but uid %d may not read it: run as root (sudo), or let readers in with "
+            "`mount -o remount,mode=0755 %s` as root" % (path, os.geteuid(), path))
+
+
 def _mount(source: str, target: str, fstype: str) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
         err = ctypes.get_errno()
-        raise TracefsError("mount -t %s %s failed: %s" % (fstype, target, os.strerror(err)))
+        raise TracefsError("%s is not mounted and mounting it on %s failed (%s): as root, mount -t %s nodev %s"
+                           % (fstype, target, os.strerror(err), fstype, target))
 
 
 def ensure_tracefs(mount_debugfs: bool = False) -> Tuple[str, List[str]]:
@@ -168,6 +210,7 @@ def ensure_tracefs(mount_debugfs: bool = False) -> Tuple[str, List[str]]:
 
     Returns (path, what was mounted) so the caller can say so once. bcc before 0.19 looks up
     tracepoint ids under /sys/kernel/debug/tracing only, so ``mount_debugfs`` is set for it.
+    Every TracefsError names its fix.
     """
     mounted: List[str] = []
     if (
@@ -180,14 +223,18 @@ def ensure_tracefs(mount_debugfs: bool = False) -> Tuple[str, List[str]]:
         mounted.append("debugfs on %s" % DEBUGFS)
     path = find_tracefs()
     if path is None:
+        denied = unreadable_tracefs()
+        if denied is not None:
+            raise TracefsError(not_readable_message(denied))
         target = TRACEFS_CANDIDATES[0]
         if not os.path.isdir(target):
-            raise TracefsError("%s does not exist: is this a Linux kernel with tracefs?" % target)
+            raise TracefsError("%s does not exist: is this a Linux kernel with tracefs (CONFIG_TRACING)?" % target)
         _mount("tracefs", target, "tracefs")
         mounted.append("tracefs on %s" % target)
         path = find_tracefs()
         if path is None:
-            raise TracefsError("mounted tracefs on %s but it has no events/ directory" % target)
+            raise TracefsError("mounted tracefs on %s but it has no events/ directory: a kernel with tracepoints "
+                               "(CONFIG_TRACEPOINTS) is needed" % target)
     return path, mounted
 
 

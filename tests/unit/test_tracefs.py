@@ -75,3 +75,17 @@ def test_missing_event_and_bad_text() -> None:
     assert Tracefs(K510).format("tcp", "no_such_event") is None
     with pytest.raises(Exception, match="no fields"):
         parse_format("name: x\nID: 1\nformat:\n")
+
+
+def test_mount_points_from_mountinfo(tmp_path: str) -> None:
+    """How "not mounted" is told from "not readable": mountinfo is readable by anyone."""
+    from rsttrace import tracefs as t
+
+    path = os.path.join(tmp_path, "mountinfo")
+    with open(path, "w") as f:
+        f.write("21 45 0:13 / /sys/kernel/tracing rw,relatime - tracefs tracefs rw\n"
+                "22 45 0:14 / /mnt/with\\040space rw shared:5 - ext4 /dev/sda1 rw\n"
+                "23 45 0:15 / /sys/kernel/debug rw - debugfs debugfs rw\n")
+    points = t._mount_points(path)
+    assert points == {"/sys/kernel/tracing": "tracefs", "/mnt/with space": "ext4", "/sys/kernel/debug": "debugfs"}
+    assert t.unreadable_tracefs(os.path.join(tmp_path, "missing")) is None  # nothing mounted: not "unreadable"

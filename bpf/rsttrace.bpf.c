@@ -115,6 +115,17 @@ static __always_inline int admit(struct rsttrace_event *e)
 	return 1;
 }
 
+/* For an event that corrects one already delivered (a local abort's send after its receive):
+ * past the budget and the kind filter, so user space always learns the correction. */
+static __always_inline int admit_correction(struct rsttrace_event *e)
+{
+#ifdef RSTTRACE_NO_EVENTS
+	return 0;
+#endif
+	e->ktime_ns = bpf_ktime_get_ns();
+	return 1;
+}
+
 static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 {
 #ifdef RSTTRACE_RINGBUF
@@ -285,6 +296,21 @@ static __always_inline int skb_tuple(const void *skb, struct rsttrace_event *e)
 #endif
 }
 
+/* TCP flags byte of the packet (offset 13 of the TCP header), 0 when unreadable. */
+static __always_inline u8 skb_tcp_flags(const void *skb)
+{
+	u8 flags = 0;
+#if OFF_SKB_HEAD >= 0 && OFF_SKB_TRANSPORT_HEADER >= 0
+	const unsigned char *head = 0;
+	u16 th = 0;
+	bpf_probe_read_kernel(&head, sizeof(head), (const char *)skb + OFF_SKB_HEAD);
+	bpf_probe_read_kernel(&th, sizeof(th), (const char *)skb + OFF_SKB_TRANSPORT_HEADER);
+	if (head && th != 0xffff)
+		bpf_probe_read_kernel(&flags, 1, head + th + 13);
+#endif
+	return flags;
+}
+
 /* For events about a listener: the packet names the peer (and the exact local address the
  * client used); the listener's port stays if the packet cannot be read. */
 static __always_inline void peer_from_packet(const void *skb, struct rsttrace_event *e)
@@ -310,19 +336,89 @@ static __always_inline void from_sockaddr(const u8 *sa, u8 *addr, u16 *port, u16
 		__builtin_memcpy(addr, sa + 8, 16);
 }
 
+static __always_inline void counter_key(const struct rsttrace_event *e, struct rsttrace_counter_key *key)
+{
+	key->netns = e->netns;
+	key->reason = e->reason;
+	key->kind = e->kind;
+	key->state = e->state;
+	key->family = (u8)e->family;
+	if (e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_ACK || e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_SYN)
+		key->port = e->lport;
+	key->flags = e->flags & (RSTTRACE_F_REQUEST_SOCK | RSTTRACE_F_SYNCOOKIE);
+	if (e->kind == RSTTRACE_KIND_SENT && e->reason == RSTTRACE_REASON_NONE)
+		key->flags |= e->flags & (RSTTRACE_F_ACTIVE | RSTTRACE_F_PROCESS | RSTTRACE_F_LOCAL_ABORT);
+}
+
 static __always_inline void count_event(struct rsttrace_event *e)
 {
 	struct rsttrace_counter_key key = {};
-	key.netns = e->netns;
-	key.reason = e->reason;
-	key.kind = e->kind;
-	key.state = e->state;
-	key.family = (u8)e->family;
-	if (e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_ACK || e->kind == RSTTRACE_KIND_LISTEN_OVERFLOW_SYN)
-		key.port = e->lport;
-	if (e->kind == RSTTRACE_KIND_SENT && e->reason == RSTTRACE_REASON_NONE)
-		key.flags = e->flags & (RSTTRACE_F_ACTIVE | RSTTRACE_F_PROCESS);
+	counter_key(e, &key);
 	count(&key);
+}
+
+/*
+ * tcp_reset() runs tcp:tcp_receive_reset first thing, whoever decided the reset. One caller is
+ * not a RST at all: data for a socket in FIN_WAIT1/FIN_WAIT2 that was shut down for reading
+ * (net/ipv4/tcp_input.c, tcp_rcv_state_process: TCPAbortOnData, tcp_reset(), then the caller
+ * sends its own RST: tcp_v4_do_rcv's `reset:` label, reason TCP_ABORT_ON_DATA). The socket alone
+ * cannot tell that from a real RST arriving after shutdown(), so a receive in those states is
+ * remembered here (per CPU: both hooks run in the same call chain, softirq or release_sock)
+ * and the send program that follows for the same socket takes the count back.
+ */
+struct rsttrace_rx_pending {
+	u64 sk;
+	u64 ktime_ns;
+	struct rsttrace_counter_key key;
+	u32 admitted; /* its event went to user space: the correcting send event must too */
+};
+BPF_PERCPU_ARRAY(rx_pending, struct rsttrace_rx_pending, 1);
+
+static __always_inline void rx_remember(const void *sk, const struct rsttrace_event *e)
+{
+	u32 zero = 0;
+	struct rsttrace_rx_pending *p;
+
+	if (e->state != RSTTRACE_TCP_FIN_WAIT1 && e->state != RSTTRACE_TCP_FIN_WAIT2)
+		return;
+	p = rx_pending.lookup(&zero);
+	if (!p)
+		return;
+	p->sk = (u64)sk;
+	p->ktime_ns = bpf_ktime_get_ns();
+	__builtin_memset(&p->key, 0, sizeof(p->key));
+	counter_key(e, &p->key);
+	p->admitted = 0;
+}
+
+static __always_inline void rx_admitted(const void *sk)
+{
+	u32 zero = 0;
+	struct rsttrace_rx_pending *p = rx_pending.lookup(&zero);
+	if (p && p->sk == (u64)sk)
+		p->admitted = 1;
+}
+
+/* In a send program, for a passive reset of socket sk: 1 if tcp_reset() ran for sk just before
+ * on this CPU (a local abort), with that receive's count taken back; 2 if its event went out. */
+static __always_inline int rx_take_back(const void *sk)
+{
+	u32 zero = 0;
+	struct rsttrace_rx_pending *p = rx_pending.lookup(&zero);
+	u64 *v;
+	int ret;
+
+	if (!p || !sk || p->sk != (u64)sk)
+		return 0;
+	p->sk = 0;
+	/* Same call chain: microseconds apart. An old entry is a recycled pointer, not ours. */
+	if (bpf_ktime_get_ns() - p->ktime_ns > 10000000ULL)
+		return 0;
+	v = counters.lookup(&p->key);
+	if (v && *v > 0)
+		(*v)--; /* this CPU's slot, which the receive program just incremented */
+	ret = p->admitted ? 2 : 1;
+	return ret;
 }
 
 /* The family of a sockaddr_in/in6 as the 6.10+ tracepoints store them (28 bytes, in ctx). */
@@ -484,7 +580,7 @@ int rsttrace_send_reset(struct bpf_raw_tracepoint_args *ctx)
 	struct rsttrace_skc c = {}; /* read only when sk is set; zeroed so no path reads it uninit */
 	const void *sk = (const void *)ctx->args[RAW_SEND_RESET_SK];
 	const void *skb = (const void *)ctx->args[RAW_SEND_RESET_SKB];
-	int fullsock;
+	int fullsock, back;
 
 	e.kind = RSTTRACE_KIND_SENT;
 #ifdef RAW_SEND_RESET_REASON
@@ -503,8 +599,11 @@ int rsttrace_send_reset(struct bpf_raw_tracepoint_args *ctx)
 	}
 	fullsock = sent_fullsock(sk, &e);
 	sent_key_owner(sk, fullsock, &e);
+	back = (skb && fullsock) ? rx_take_back(sk) : 0;
+	if (back)
+		e.flags |= RSTTRACE_F_LOCAL_ABORT;
 	count_event(&e);
-	if (!admit(&e))
+	if (!(back == 2 ? admit_correction(&e) : admit(&e)))
 		return 0;
 
 	/* As the tracepoint's record: a full socket's own tuple, else the packet's reversed
@@ -523,7 +622,7 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 	struct rsttrace_event e = {};
 	const void *sk = (const void *)args->skaddr;
 	const void *skb = (const void *)args->skbaddr;
-	int fullsock;
+	int fullsock, back;
 
 	e.kind = RSTTRACE_KIND_SENT;
 #ifdef SEND_HAS_REASON
@@ -555,8 +654,11 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
 	sent_key_owner(sk, fullsock, &e);
+	back = (skb && fullsock) ? rx_take_back(sk) : 0;
+	if (back)
+		e.flags |= RSTTRACE_F_LOCAL_ABORT;
 	count_event(&e);
-	if (!admit(&e))
+	if (!(back == 2 ? admit_correction(&e) : admit(&e)))
 		return 0;
 
 	/* Addresses copied straight from the record (ctx): no helper call per field. */
@@ -588,8 +690,10 @@ int rsttrace_receive_reset(struct bpf_raw_tracepoint_args *ctx)
 	e.reason = RSTTRACE_REASON_NONE;
 	skc_head(sk, &c, &e);
 	count_event(&e);
+	rx_remember(sk, &e);
 	if (!admit(&e))
 		return 0;
+	rx_admitted(sk);
 	skc_addrs(sk, &c, &e);
 	e.cookie = sk_cookie(sk);
 	owner(sk, &e);
@@ -618,8 +722,10 @@ int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
 		e.netns = sk_netns(sk);
 	}
 	count_event(&e);
+	rx_remember(sk, &e);
 	if (!admit(&e))
 		return 0;
+	rx_admitted(sk);
 
 #ifdef RECV_ADDR_SOCKADDR
 	COPY_SOCKADDRS(args, e);
@@ -641,15 +747,18 @@ int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
 }
 #endif
 
-/* --- skb:kfree_skb, reason TCP_LISTEN_OVERFLOW (final ACK, accept queue full) ---------- */
-#ifdef HAVE_TP_LISTEN_OVERFLOW_ACK
-/* The listener (rx_sk), or the packet's device when the kernel had none. */
-static __always_inline int listen_overflow(void *ctx, const void *sk, const void *skb, u16 reason)
+/* --- skb:kfree_skb: packets a listener dropped ------------------------------------------ */
+#ifdef HAVE_TP_KFREE_SKB
+
+/* Final ACK meeting a full accept queue: the listener (rx_sk), or the packet's device when the
+ * kernel had none. */
+static __always_inline int listen_overflow(void *ctx, const void *sk, const void *skb, u32 reason, u8 flags)
 {
 	struct rsttrace_event e = {};
 
 	e.kind = RSTTRACE_KIND_LISTEN_OVERFLOW_ACK;
 	e.reason = reason;
+	e.flags = flags;
 	if (sk) {
 		e.state = sk_state(sk);
 		e.netns = sk_netns(sk);
@@ -672,47 +781,88 @@ static __always_inline int listen_overflow(void *ctx, const void *sk, const void
 	emit(ctx, &e);
 	return 0;
 }
+
+#ifdef KFREE_HAS_RX_SK
+/*
+ * Drops with the listener as rx_sk (6.11+) that no reset hook sees, measured on 6.18:
+ *  - NOT_SPECIFIED, a RST in the packet: it hit a request socket (SYN_RECV). tcp_check_req()
+ *    counts AttemptFails and EmbryonicRsts and drops the request without calling tcp_reset()
+ *    (net/ipv4/tcp_minisocks.c, embryonic_reset), then tcp_v4_rcv's discard path frees the
+ *    packet. A RST to a listener with no request is dropped as TCP_RESET instead: not this.
+ *  - NO_SOCKET with the accept queue full: a final ACK with a valid SYN cookie whose child could
+ *    not be queued (net/ipv4/syncookies.c, cookie_v4_check: tcp_get_cookie_sock() found
+ *    syn_recv_sock() failing, which counted ListenOverflows). No TCP_LISTEN_OVERFLOW fires there.
+ */
+static __always_inline int listener_drop(void *ctx, const void *sk, const void *skb, u32 reason)
+{
+	struct rsttrace_event e = {};
+	u32 backlog = 0, max_backlog = 0;
+
+	if (sk_state(sk) != RSTTRACE_TCP_LISTEN)
+		return 0;
+	if (reason == DROP_REASON_NO_SOCKET) {
+#if OFF_SK_ACK_BACKLOG >= 0 && OFF_SK_MAX_ACK_BACKLOG >= 0
+		bpf_probe_read_kernel(&backlog, sizeof(backlog), (const char *)sk + OFF_SK_ACK_BACKLOG);
+		bpf_probe_read_kernel(&max_backlog, sizeof(max_backlog), (const char *)sk + OFF_SK_MAX_ACK_BACKLOG);
+#endif
+		if (backlog <= max_backlog) /* sk_acceptq_is_full(): not an overflow */
+			return 0;
+		return listen_overflow(ctx, sk, skb, reason, RSTTRACE_F_SYNCOOKIE);
+	}
+	if (!(skb_tcp_flags(skb) & 0x04))
+		return 0; /* no RST: a SYN or bad ACK on a request, or an ACK overflow (counted elsewhere) */
+	e.kind = RSTTRACE_KIND_RECEIVED;
+	e.reason = RSTTRACE_REASON_NONE;
+	e.flags = RSTTRACE_F_REQUEST_SOCK;
+	e.state = RSTTRACE_TCP_SYN_RECV; /* the request's state; the socket passed is its listener */
+	e.netns = sk_netns(sk);
+	count_event(&e);
+	if (!admit(&e))
+		return 0;
+	sk_local(sk, &e);
+	peer_from_packet(skb, &e);
+	emit(ctx, &e);
+	return 0;
+}
 #endif
 
-#if defined(HAVE_TP_LISTEN_OVERFLOW_ACK) && defined(RAW_KFREE_SKB)
+static __always_inline int kfree_skb(void *ctx, const void *skb, u32 reason, const void *rx_sk)
+{
+#ifdef DROP_REASON_LISTEN_OVERFLOW
+	if (reason == DROP_REASON_LISTEN_OVERFLOW)
+		return listen_overflow(ctx, rx_sk, skb, reason, 0);
+#endif
+#ifdef KFREE_HAS_RX_SK
+	/* kfree_skb fires for every dropped packet: two compares and a NULL test, then leave. */
+	if ((reason == DROP_REASON_NOT_SPECIFIED || reason == DROP_REASON_NO_SOCKET) && rx_sk)
+		return listener_drop(ctx, rx_sk, skb, reason);
+#endif
+	return 0;
+}
+#endif
+
+#if defined(HAVE_TP_KFREE_SKB) && defined(RAW_KFREE_SKB)
 /* Raw: trace_kfree_skb(skb, location, reason, rx_sk) (net/core/skbuff.c). It fires for every
  * dropped packet, so the reason is tested before anything else: a register compare. */
 int rsttrace_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 {
-	if ((u32)ctx->args[RAW_KFREE_SKB_REASON] != DROP_REASON_LISTEN_OVERFLOW)
-		return 0;
-	return listen_overflow(ctx, (const void *)ctx->args[RAW_KFREE_SKB_SK],
-			       (const void *)ctx->args[RAW_KFREE_SKB_SKB], DROP_REASON_LISTEN_OVERFLOW);
+	return kfree_skb(ctx, (const void *)ctx->args[RAW_KFREE_SKB_SKB], (u32)ctx->args[RAW_KFREE_SKB_REASON],
+			 (const void *)ctx->args[RAW_KFREE_SKB_SK]);
 }
-#elif defined(HAVE_TP_LISTEN_OVERFLOW_ACK)
+#elif defined(HAVE_TP_KFREE_SKB)
 int rsttrace_kfree_skb(struct rsttrace_tp_kfree_skb *args)
 {
-	/* kfree_skb fires for every dropped packet: leave at once unless it is ours. */
-	if (args->reason != DROP_REASON_LISTEN_OVERFLOW)
-		return 0;
-	return listen_overflow(args, (const void *)args->rx_sk, (const void *)args->skbaddr, args->reason);
+#ifdef KFREE_HAS_RX_SK
+	const void *rx_sk = (const void *)args->rx_sk;
+#else
+	const void *rx_sk = 0;
+#endif
+	return kfree_skb(args, (const void *)args->skbaddr, args->reason, rx_sk);
 }
 #endif
 
 
 /* --- kprobes, on kernels whose tracepoints leave gaps (chosen in rsttrace/kernel.py) ---- */
-
-#if defined(HAVE_KP_SEND_RESET) || defined(HAVE_KP_SYN_RECV) || defined(HAVE_KP_CONN_REQUEST)
-/* TCP flags byte of the packet (offset 13 of the TCP header), 0 when unreadable. */
-static __always_inline u8 skb_tcp_flags(const void *skb)
-{
-	u8 flags = 0;
-#if OFF_SKB_HEAD >= 0 && OFF_SKB_TRANSPORT_HEADER >= 0
-	const unsigned char *head = 0;
-	u16 th = 0;
-	bpf_probe_read_kernel(&head, sizeof(head), (const char *)skb + OFF_SKB_HEAD);
-	bpf_probe_read_kernel(&th, sizeof(th), (const char *)skb + OFF_SKB_TRANSPORT_HEADER);
-	if (head && th != 0xffff)
-		bpf_probe_read_kernel(&flags, 1, head + th + 13);
-#endif
-	return flags;
-}
-#endif
 
 #ifdef HAVE_KP_SEND_RESET
 /*

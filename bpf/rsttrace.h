@@ -17,7 +17,8 @@ enum rsttrace_kind {
 	RSTTRACE_KIND_LISTEN_OVERFLOW_SYN = 3, /* SYN dropped: accept queue full */
 	RSTTRACE_KIND_LISTEN_OVERFLOW_ACK = 4, /* final ACK dropped: accept queue full */
 	RSTTRACE_KIND_SYN_QUEUE_OVERFLOW = 5,  /* SYN queue full: dropped or answered with a cookie */
-	RSTTRACE_KIND_MAX = 6,
+	RSTTRACE_KIND_LISTEN_DROP = 6,         /* SYN dropped by the listener for another reason (counters) */
+	RSTTRACE_KIND_MAX = 7,
 };
 
 /* The hook passed no reason (tcp_send_reset before 6.10, tcp_receive_reset). */
@@ -39,6 +40,14 @@ enum rsttrace_flags {
 	RSTTRACE_F_NETNS_FROM_DEV = 1 << 3,
 	/* Seen by a kprobe (older kernels' gaps), not a tracepoint. */
 	RSTTRACE_F_KPROBE = 1 << 4,
+	/* A passive reset the local kernel decided while tcp_reset() ran on the same socket just
+	 * before: data for a socket already shut down (TCPAbortOnData). tcp:tcp_receive_reset fired
+	 * for it although no RST arrived, so that count was taken back (see the send programs). */
+	RSTTRACE_F_LOCAL_ABORT = 1 << 5,
+	/* A RST that hit a request socket (SYN_RECV): seen at the packet's drop, with the listener. */
+	RSTTRACE_F_REQUEST_SOCK = 1 << 6,
+	/* A final ACK with a valid SYN cookie that met a full accept queue (the cookie path). */
+	RSTTRACE_F_SYNCOOKIE = 1 << 7,
 };
 
 struct rsttrace_event {
@@ -70,8 +79,9 @@ struct rsttrace_counter_key {
 	__u16 port;   /* listening port for listen overflows, 0 otherwise (bounded cardinality) */
 	__u8 state;
 	__u8 family;
-	/* Only when reason is RSTTRACE_REASON_NONE: the F_ACTIVE and F_PROCESS bits, which the
-	 * user-space reason inference needs, so counters and events infer alike. */
+	/* Only when reason is RSTTRACE_REASON_NONE: the F_ACTIVE, F_PROCESS and F_LOCAL_ABORT bits,
+	 * which the user-space reason inference needs, so counters and events infer alike; and
+	 * F_REQUEST_SOCK / F_SYNCOOKIE on any kernel (the received and overflow kinds they mark). */
 	__u8 flags;
 	__u8 pad;
 };

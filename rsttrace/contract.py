@@ -9,7 +9,8 @@ KIND_RECEIVED = 2
 KIND_LISTEN_OVERFLOW_SYN = 3
 KIND_LISTEN_OVERFLOW_ACK = 4
 KIND_SYN_QUEUE_OVERFLOW = 5
-KIND_MAX = 6
+KIND_LISTEN_DROP = 6
+KIND_MAX = 7
 
 KIND_NAMES = {
     KIND_SENT: "sent",
@@ -17,6 +18,7 @@ KIND_NAMES = {
     KIND_LISTEN_OVERFLOW_SYN: "listen_overflow_syn",
     KIND_LISTEN_OVERFLOW_ACK: "listen_overflow_ack",
     KIND_SYN_QUEUE_OVERFLOW: "syn_queue_overflow",
+    KIND_LISTEN_DROP: "listen_drop",
 }
 KIND_BY_NAME = {v: k for k, v in KIND_NAMES.items()}
 
@@ -29,6 +31,9 @@ F_ACTIVE = 1 << 1
 F_PEER_FROM_SKB = 1 << 2
 F_NETNS_FROM_DEV = 1 << 3
 F_KPROBE = 1 << 4
+F_LOCAL_ABORT = 1 << 5
+F_REQUEST_SOCK = 1 << 6
+F_SYNCOOKIE = 1 << 7
 
 STAT_EVENTS = 0
 STAT_BUFFER_FULL = 1

@@ -122,6 +122,10 @@ def infer_sent_reason(state: Optional[str], flags: int) -> str:
     Before 6.10 the tracepoint fires only with a full socket (tcp_v4_send_reset's
     ``sk && sk_fullsock(sk)``) or for active resets (tcp_send_active_reset, no skb).
     """
+    if flags & c.F_LOCAL_ABORT:
+        # tcp_reset() ran for this socket just before on this CPU: data after shutdown
+        # (tcp_rcv_state_process's TCPAbortOnData), what 6.10+ names TCP_ABORT_ON_DATA
+        return "TCP_ABORT_ON_DATA"
     if state is None:
         return "NO_SOCKET"  # the kprobe on tcp_v4/v6_send_reset with no socket: a closed port
     if state == "TCP_TIME_WAIT":
@@ -144,6 +148,10 @@ def name_reason(
         return facts.reason_name(kind, raw), "kernel"
     if kind == "sent":
         return infer_sent_reason(state, flags), "inferred"
+    if kind == "received" and flags & c.F_REQUEST_SOCK:
+        # a RST that hit a request socket: no application sees it; the kernel counts it as
+        # EmbryonicRsts (tcp_check_req)
+        return "EmbryonicRsts", "inferred"
     if kind == "received" and state is not None:
         reason = RECEIVED_ERRNO.get(state, "ECONNRESET")
         return reason, ("inferred" if reason else None)
@@ -180,6 +188,7 @@ if _RAW_FIELDS != _UNPACKED or ctypes.sizeof(c.RawEvent) != RAW_SIZE:  # not an 
     raise ImportError("contract.RawEvent changed: update Decoder.decode's unpacking (%s)" % ", ".join(_RAW_FIELDS))
 
 _PROCESS, _KPROBE, _PEER = c.F_PROCESS, c.F_KPROBE, c.F_PEER_FROM_SKB
+_MARKS = c.F_LOCAL_ABORT | c.F_SYNCOOKIE  # flags that add a JSON key (see Decoder.decode)
 _AF_INET, _AF_INET6 = c.AF_INET, c.AF_INET6
 _NAMES_MAX = 4096  # (kind, reason, state, flags) combinations: a few dozen in practice
 _Names = Tuple[str, Optional[str], Optional[int], Optional[str], Optional[str], str, bool, bool]
@@ -224,7 +233,7 @@ class Decoder:
             fam, la, ra = "ipv6", _ntop(laddr), _ntop(raddr)
         else:
             fam = la = ra = None
-        return Event(
+        ev = Event(
             self.clock.iso(ktime_ns), ktime_ns, kind, rname, reason_raw, source, state, fam,
             la, lport if family else None, ra, rport if family else None,
             netns or None, cookie or None,
@@ -233,6 +242,12 @@ class Decoder:
             hook, 1,
             backlog if max_backlog else None, max_backlog or None, cgroup_id or None, peer,
         )
+        if flags & _MARKS:
+            if flags & c.F_LOCAL_ABORT:
+                ev.extra["local_abort"] = True  # see Session.deliver: the received it corrects
+            if flags & c.F_SYNCOOKIE:
+                ev.extra["syncookie"] = True
+        return ev
 
 
 def decode(raw: Union[bytes, c.RawEvent], facts: KernelFacts, clock: Clock) -> Event:

@@ -160,6 +160,22 @@ class KernelFacts:
         return self.listen_overflow_reason is None and self.kprobe_ok("tcp_v4_syn_recv_sock")
 
     @property
+    def kfree_rx_sk(self) -> bool:
+        """kfree_skb names the receiving socket (``rx_sk``, 6.11+) and the drop ``reason``: a RST
+        hitting a request socket and a cookie ACK meeting a full accept queue are seen there."""
+        k = self.kfree_skb
+        return k is not None and k.has("reason") and k.has("rx_sk") and all(
+            self.drop_reason(n) is not None for n in ("NOT_SPECIFIED", "NO_SOCKET"))
+
+    @property
+    def kfree_skb_hook(self) -> bool:
+        """Attach the kfree_skb program: it has something to see on this kernel."""
+        return self.listen_overflow_reason is not None or self.kfree_rx_sk
+
+    def drop_reason(self, name: str) -> Optional[int]:
+        return next((v for v, n in self.drop_reasons.items() if n == name), None)
+
+    @property
     def kp_conn_request(self) -> bool:
         """SYNs meeting a full accept queue: no tracepoint on any kernel, a probe where possible."""
         return self.kprobe_ok("tcp_conn_request")
@@ -195,7 +211,7 @@ class KernelFacts:
         usable = {
             "tcp_send_reset": "SK" in roles and "SKB" in roles and ("REASON" in roles) == self.send_has_reason,
             "tcp_receive_reset": "SK" in roles,
-            "kfree_skb": set(roles) == {"SK", "SKB", "REASON"} and self.listen_overflow_reason is not None,
+            "kfree_skb": set(roles) == {"SK", "SKB", "REASON"} and self.kfree_skb_hook,
         }
         return roles if usable[tracepoint] else {}
 
@@ -218,7 +234,19 @@ class KernelFacts:
                             "reasons inferred"))
         r = self.receive_reset
         out.append(Hook("received", "tracepoint tcp:tcp_receive_reset", r is not None,
-                        "" if r is not None else "not in this kernel (needs 4.15+)"))
+                        "a local abort on data (FIN_WAIT1/2 after shutdown) that fires it is taken back and "
+                        "reported as sent (TCP_ABORT_ON_DATA)" if r is not None else
+                        "not in this kernel (needs 4.15+)"))
+        if self.kfree_rx_sk:
+            out.append(Hook("received", "tracepoint skb:kfree_skb reason NOT_SPECIFIED, rx_sk a listener, RST",
+                            True, "RSTs that hit a request socket (SYN_RECV), state TCP_SYN_RECV"))
+        else:
+            out.append(Hook("received", "kernel counters TcpExt EmbryonicRsts (per netns, polled)", True,
+                            "kfree_skb has no rx_sk (6.11+): RSTs that hit a request socket are EmbryonicRsts "
+                            "minus the embryonic resets sent (INVALID_SYN); counter-derived"))
+        if self.kfree_rx_sk:
+            out.append(Hook("listen_overflow_ack", "tracepoint skb:kfree_skb reason NO_SOCKET, rx_sk a listener "
+                            "with a full accept queue", True, "final ACKs with a valid SYN cookie (syncookie: true)"))
         if self.listen_overflow_reason is not None:
             out.append(Hook("listen_overflow_ack", "tracepoint skb:kfree_skb reason TCP_LISTEN_OVERFLOW", True, ""))
         elif self.kp_syn_recv:
@@ -236,7 +264,11 @@ class KernelFacts:
                             True, "no tracepoint fires for it and no kprobe is possible; counter-derived"))
         out.append(Hook("syn_queue_overflow",
                         "kernel counters TcpExt TCPReqQFullDrop/TCPReqQFullDoCookies (per netns, polled)", True,
-                        "tcp_syn_flood_action is static (often inlined) and has no tracepoint; counter-derived"))
+                        "tcp_syn_flood_action is static (often inlined) and has no tracepoint; counter-derived, "
+                        "the flooded listener named from its request sockets (sock_diag)"))
+        out.append(Hook("listen_drop", "kernel counters TcpExt ListenDrops (per netns, polled)", True,
+                        "SYNs a listener dropped that neither ListenOverflows nor TCPReqQFullDrop counts (the SYN "
+                        "backlog three-quarters full with syncookies off, no route back); counter-derived"))
         return out
 
     def macros(self) -> Dict[str, str]:
@@ -246,7 +278,7 @@ class KernelFacts:
             m[name] = str(self.offsets.get(name, -1))
         # 0xFFFF never equals a u8 state: the comparison is then simply never true.
         m["RSTTRACE_TCP_LISTEN"] = str(self.tcp_listen if self.tcp_listen is not None else 0xFFFF)
-        for name in ("TCP_TIME_WAIT", "TCP_NEW_SYN_RECV"):
+        for name in ("TCP_TIME_WAIT", "TCP_NEW_SYN_RECV", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2"):
             v = next((k for k, n in self.tcp_states.items() if n == name), None)
             m["RSTTRACE_" + name] = str(v if v is not None else 0xFFFF)
         s = self.send_reset
@@ -269,9 +301,15 @@ class KernelFacts:
                 m["RECV_HAS_FAMILY"] = "1"
             if r.has("sock_cookie"):
                 m["RECV_HAS_COOKIE"] = "1"
+        if self.kfree_skb_hook:
+            m["HAVE_TP_KFREE_SKB"] = "1"
         if self.listen_overflow_reason is not None:
             m["HAVE_TP_LISTEN_OVERFLOW_ACK"] = "1"
             m["DROP_REASON_LISTEN_OVERFLOW"] = str(self.listen_overflow_reason)
+        if self.kfree_rx_sk:
+            m["KFREE_HAS_RX_SK"] = "1"
+            m["DROP_REASON_NOT_SPECIFIED"] = str(self.drop_reason("NOT_SPECIFIED"))
+            m["DROP_REASON_NO_SOCKET"] = str(self.drop_reason("NO_SOCKET"))
         if self.kp_send_reset:
             m["HAVE_KP_SEND_RESET"] = "1"
         if self.kp_syn_recv:
@@ -282,7 +320,7 @@ class KernelFacts:
             m["RSTTRACE_RINGBUF"] = "1"
         raw_macro = {"tcp_send_reset": ("HAVE_TP_SEND_RESET", "RAW_SEND_RESET"),
                      "tcp_receive_reset": ("HAVE_TP_RECEIVE_RESET", "RAW_RECEIVE_RESET"),
-                     "kfree_skb": ("HAVE_TP_LISTEN_OVERFLOW_ACK", "RAW_KFREE_SKB")}
+                     "kfree_skb": ("HAVE_TP_KFREE_SKB", "RAW_KFREE_SKB")}
         for tp, (have, raw) in raw_macro.items():
             roles = self.raw_args(tp)
             if have in m and roles:

@@ -62,6 +62,15 @@ def test_macros_618() -> None:
     assert {"HAVE_TP_SEND_RESET", "SEND_HAS_REASON", "SEND_ADDR_SOCKADDR", "HAVE_TP_RECEIVE_RESET",
             "RECV_HAS_FAMILY", "RECV_HAS_COOKIE", "HAVE_TP_LISTEN_OVERFLOW_ACK"} <= set(m)
     assert m["DROP_REASON_LISTEN_OVERFLOW"] == "40"
+    # rx_sk: RSTs on request sockets and cookie-path ACK overflows, by the kernel's reason numbers
+    assert (m["HAVE_TP_KFREE_SKB"], m["KFREE_HAS_RX_SK"]) == ("1", "1")
+    assert (m["DROP_REASON_NOT_SPECIFIED"], m["DROP_REASON_NO_SOCKET"]) == ("2", "3")
+
+
+def test_macros_612_kfree_skb_for_request_resets_only() -> None:
+    m = facts_for("6.12.107+deb13-amd64").macros()
+    assert "HAVE_TP_LISTEN_OVERFLOW_ACK" not in m  # TCP_LISTEN_OVERFLOW is 6.15+
+    assert m["HAVE_TP_KFREE_SKB"] == "1" and m["KFREE_HAS_RX_SK"] == "1"
 
 
 def test_macros_61_no_reason_no_overflow_drop_reason() -> None:
@@ -69,6 +78,7 @@ def test_macros_61_no_reason_no_overflow_drop_reason() -> None:
     assert "HAVE_TP_SEND_RESET" in m and "SEND_HAS_FAMILY" in m
     assert "SEND_HAS_REASON" not in m and "SEND_ADDR_SOCKADDR" not in m
     assert "HAVE_TP_LISTEN_OVERFLOW_ACK" not in m
+    assert "HAVE_TP_KFREE_SKB" not in m  # reason but no rx_sk: nothing to see there
 
 
 def test_macros_510_no_family() -> None:

@@ -28,6 +28,8 @@ def c_layout() -> dict:  # type: ignore[type-arg]
             lines.append('printf("%s.%s %%zu\\n", offsetof(struct %s, %s));' % (cname, fname, cname, fname))
     for name in ("RSTTRACE_KIND_SENT", "RSTTRACE_KIND_RECEIVED", "RSTTRACE_KIND_LISTEN_OVERFLOW_SYN",
                  "RSTTRACE_KIND_LISTEN_OVERFLOW_ACK", "RSTTRACE_KIND_SYN_QUEUE_OVERFLOW", "RSTTRACE_KIND_MAX",
+                 "RSTTRACE_KIND_LISTEN_DROP", "RSTTRACE_F_LOCAL_ABORT", "RSTTRACE_F_REQUEST_SOCK",
+                 "RSTTRACE_F_SYNCOOKIE",
                  "RSTTRACE_F_PROCESS", "RSTTRACE_F_ACTIVE", "RSTTRACE_F_PEER_FROM_SKB",
                  "RSTTRACE_F_NETNS_FROM_DEV", "RSTTRACE_F_KPROBE", "RSTTRACE_STAT_EVENTS", "RSTTRACE_STAT_BUFFER_FULL",
                  "RSTTRACE_STAT_COUNTER_FULL", "RSTTRACE_STAT_SUPPRESSED", "RSTTRACE_STAT_MAX", "RSTTRACE_REASON_NONE"):
@@ -58,6 +60,10 @@ def test_constants_match() -> None:
     assert c["RSTTRACE_KIND_LISTEN_OVERFLOW_ACK"] == contract.KIND_LISTEN_OVERFLOW_ACK
     assert c["RSTTRACE_KIND_SYN_QUEUE_OVERFLOW"] == contract.KIND_SYN_QUEUE_OVERFLOW
     assert c["RSTTRACE_KIND_MAX"] == contract.KIND_MAX
+    assert c["RSTTRACE_KIND_LISTEN_DROP"] == contract.KIND_LISTEN_DROP
+    assert c["RSTTRACE_F_LOCAL_ABORT"] == contract.F_LOCAL_ABORT
+    assert c["RSTTRACE_F_REQUEST_SOCK"] == contract.F_REQUEST_SOCK
+    assert c["RSTTRACE_F_SYNCOOKIE"] == contract.F_SYNCOOKIE
     assert c["RSTTRACE_F_PROCESS"] == contract.F_PROCESS and c["RSTTRACE_F_ACTIVE"] == contract.F_ACTIVE
     assert c["RSTTRACE_F_PEER_FROM_SKB"] == contract.F_PEER_FROM_SKB
     assert c["RSTTRACE_F_NETNS_FROM_DEV"] == contract.F_NETNS_FROM_DEV

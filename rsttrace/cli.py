@@ -337,6 +337,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
                     held[0] = n
 
         session.run(stopper.event, duration=args.duration, max_events=args.count, after_poll=after_poll)
+        if not (args.count and session.delivered >= args.count):
+            session.finish()  # the last seconds' counter-derived events, and held events
         drain()
     finally:
         lost = session.lost()
@@ -390,6 +392,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
             if args.duration:
                 end = min(end, started + args.duration)
             session.run(stopper.event, duration=max(0.0, end - time.monotonic()))
+            if stopper.event.is_set() or (args.duration and time.monotonic() - started >= args.duration):
+                session.finish()  # the last interval includes the last seconds' overflows
             counts = {k: n for k, n in session.counts().items()
                       if (kinds is None or k.kind in kinds)
                       and (args.netns is None or k.netns == args.netns)
@@ -542,6 +546,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                             lost_kernel=lost["lost_kernel"], lost_user=lost["lost_user"])
 
         session.run(stopper.event, after_poll=report)
+        session.finish()  # a scrape racing the shutdown sees the last seconds too
     finally:
         httpd.close()
         lost = session.lost()

@@ -42,7 +42,13 @@ KERNEL_COUNTERS: Tuple[Tuple[str, str, str, str], ...] = (
      "SYN cookies sent: SYN queue full (TCPReqQFullDoCookies)"),
 )
 
-OVERFLOW_KIND = {"listen_overflow_syn": "syn", "listen_overflow_ack": "ack", "syn_queue_overflow": "syn_queue"}
+# kind label of rsttrace_tcp_listen_overflows_total, by event kind (and reason where one kind
+# holds two meanings): a SYN the accept queue had no room for, a final ACK likewise, a SYN the
+# full SYN queue dropped, a SYN answered with a cookie (absorbed, not dropped), a SYN the listener
+# dropped for another reason (ListenDrops alone). Cookies and drops are separate series so
+# "absorbed by cookies" and "connections refused" can be told apart.
+OVERFLOW_KIND = {"listen_overflow_syn": "syn", "listen_overflow_ack": "ack", "listen_drop": "syn_drop"}
+SYN_QUEUE_KIND = {"TCPReqQFullDrop": "syn_queue_drop", "TCPReqQFullDoCookies": "syn_cookie"}
 
 # The seam for per-namespace/pod labels (Kubernetes issue): given a netns inode, extra labels.
 NetnsLabeler = Callable[[Optional[int]], Dict[str, str]]
@@ -109,7 +115,16 @@ class SessionCollector:
         self._collect_lock = threading.Lock()
 
     def describe(self) -> Iterable[Metric]:
-        return []  # families depend on what was counted; no duplicate-name check needed
+        """The fixed families, without samples: a restricted registry (``?name[]=...``) asks
+        this to know which collector to run."""
+        names = ["rsttrace_tcp_resets_sent", "rsttrace_tcp_resets_received", "rsttrace_tcp_listen_overflows",
+                 "rsttrace_events_lost", "rsttrace_events_suppressed", "rsttrace_map_spilled"]
+        for name in names:
+            yield CounterMetricFamily(name, "")
+        yield GaugeMetricFamily("rsttrace_program_attached", "")
+        yield GaugeMetricFamily("rsttrace_build_info", "")
+        for short, _section, _name, _doc in KERNEL_COUNTERS:
+            yield CounterMetricFamily("rsttrace_kernel_tcp_" + short, "")
 
     def _extra(self, netns: Optional[int]) -> Tuple[str, ...]:
         if not self.extra or self.netns_labels is None:
@@ -146,7 +161,9 @@ class SessionCollector:
         recv = CounterMetricFamily("rsttrace_tcp_resets_received", "TCP resets accepted by a socket, by its state",
                                    labels=["state", "family", *self.extra])
         ovf = CounterMetricFamily("rsttrace_tcp_listen_overflows",
-                                  "Listen-queue overflows: syn/ack (accept queue full), syn_queue (SYN queue full)",
+                                  "Connection attempts a listener could not queue: syn/ack (accept queue full on "
+                                  "SYN / final ACK), syn_queue_drop (SYN queue full, dropped), syn_cookie (SYN queue "
+                                  "full, answered with a cookie), syn_drop (other listener drops, ListenDrops)",
                                   labels=["kind", "port", *self.extra])
         acc: Dict[Tuple[str, Tuple[str, ...]], int] = dict(self._retired)
         for k, n in counts.items():
@@ -156,14 +173,18 @@ class SessionCollector:
             elif k.kind == "received":
                 name = "received"
                 values = (k.state or "", k.family or "")
-            elif k.kind in OVERFLOW_KIND:
+            elif k.kind in OVERFLOW_KIND or k.kind == "syn_queue_overflow":
                 name = "overflow"
-                values = (OVERFLOW_KIND[k.kind], self.cap.port(k.port))
+                label = OVERFLOW_KIND.get(k.kind) or SYN_QUEUE_KIND.get(k.reason or "", "syn_queue_drop")
+                values = (label, self.cap.port(k.port))
             else:
                 continue
             extra, n = self._rebased(k, n, name, values) if self.extra else ((), n)
             values = self.cap.labels(name, values + extra)
             acc[(name, values)] = acc.get((name, values), 0) + n
+        for gone in [k for k in self._last if k not in counts]:  # retired by the session: forget
+            self._last.pop(gone, None)
+            self._assigned.pop(gone, None)
         families = {"sent": sent, "received": recv, "overflow": ovf}
         for (name, values), n in sorted(acc.items()):
             families[name].add_metric(list(values), n)

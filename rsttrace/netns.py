@@ -214,6 +214,33 @@ def listeners(tcp_listen_state: int) -> List[Listener]:
     return out
 
 
+def flooded(tcp_listen_state: int, tcp_syn_recv_state: int) -> List[Tuple[Listener, int]]:
+    """Listeners of the calling thread's netns with request sockets, most requests first.
+
+    Request sockets (SYN_RECV) are dumped by sock_diag when the SYN_RECV bit is asked for
+    (net/ipv4/inet_diag.c adds TCPF_NEW_SYN_RECV); each has its listener's local port. The
+    listener holding most of them is where a SYN flood lands. Empty where none are queued
+    (syncookies=2 answers every SYN with a cookie and keeps no request).
+    """
+    lst = listeners(tcp_listen_state)
+    if not lst:
+        return []
+    counts: Dict[Tuple[int, int, str], int] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for req in _dump(family, 1 << tcp_syn_recv_state):
+            key = (req.family, req.port, req.addr)
+            counts[key] = counts.get(key, 0) + 1
+    wild: Dict[int, str] = {int(socket.AF_INET): "0.0.0.0", int(socket.AF_INET6): "::"}
+    out: List[Tuple[Listener, int]] = []
+    for one in lst:
+        n = sum(c for (fam, port, addr), c in counts.items()
+                if fam == one.family and port == one.port and one.addr in (addr, wild.get(one.family)))
+        if n:
+            out.append((one, n))
+    out.sort(key=lambda x: -x[1])
+    return out
+
+
 def _dump(family: int, states: int) -> List[Listener]:
     out: List[Listener] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:

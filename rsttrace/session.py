@@ -19,6 +19,8 @@ from .kernel import KernelFacts
 from .overflow import OverflowPoller
 from .tracer import TraceOptions, Tracer
 
+_FIN_WAIT = ("TCP_FIN_WAIT1", "TCP_FIN_WAIT2")
+
 
 @dataclass(frozen=True)
 class CountKey:
@@ -57,12 +59,24 @@ class Session:
         self.poller: Optional[OverflowPoller] = None
         if poll_overflows:
             ack_traced = facts.listen_overflow_reason is not None or facts.kp_syn_recv
+            overflows_traced = ack_traced or facts.kp_conn_request or facts.kfree_rx_sk
+            syn_recv = next((v for v, n in facts.tcp_states.items() if n == "TCP_SYN_RECV"), None)
             # proc_root: in a pod, the host's /proc mounted elsewhere, so every pod's namespace is seen
-            self.poller = OverflowPoller(facts.tcp_listen, self._traced_overflows, only_netns=options.netns,
-                                         includes_ack=not ack_traced, clock=self.clock, proc_root=proc_root)
+            self.poller = OverflowPoller(facts.tcp_listen, self._traced, only_netns=options.netns,
+                                         includes_ack=not ack_traced, clock=self.clock, proc_root=proc_root,
+                                         overflows_traced=overflows_traced, tcp_syn_recv_state=syn_recv)
+        self._invalid_syn = next((v for v, n in facts.rst_reasons.items() if n == "INVALID_SYN"), None)
         self.delivered = 0
         self.last_loop = time.monotonic()
         self._lock = threading.Lock()
+        # Counts of namespaces that are gone, folded together (netns None) so every total stays
+        # monotonic after their map entries are deleted (see prune()).
+        self.retired: Dict[CountKey, int] = {}
+        self._missing: Dict[int, int] = {}  # netns in the counter map but not alive: polls missed
+        # received events in FIN_WAIT1/2 wait here for a poll: the send event of a local abort
+        # on data (local_abort: true) that follows takes them back (see deliver()).
+        self._held: List[Tuple[int, Event]] = []
+        self._polls = 0
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -72,6 +86,23 @@ class Session:
 
     def close(self) -> None:
         self.tracer.close()
+
+    def finish(self, settle: float = 1.0) -> List[Event]:
+        """At exit: one last look at the counters, read until two readings agree (at most
+        ``settle`` seconds), so the overflows of the last seconds are reported, then every
+        held event. Returns the counter-derived events of these last readings."""
+        out: List[Event] = []
+        if self.options.events:
+            self.tracer.poll(0)  # what the ring buffer still holds: corrections included
+        if self.poller is not None:
+            end = time.monotonic() + settle
+            while True:
+                out.extend(self.poll_overflows())
+                if self.poller.settled or time.monotonic() >= end:
+                    break
+                time.sleep(0.05)
+        self._release_held(everything=True)
+        return out
 
     def run(
         self,
@@ -91,6 +122,9 @@ class Session:
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - now))
             self.tracer.poll(int(timeout * 1000))
+            self._polls += 1
+            if self._held:
+                self._release_held()
             if after_poll is not None:
                 after_poll()
             if time.monotonic() >= next_poll:
@@ -104,6 +138,30 @@ class Session:
         self.deliver(self._decode(raw))
 
     def deliver(self, ev: Event) -> None:
+        if ev.kind == "received" and ev.state in _FIN_WAIT and ev.source != "counters":
+            # tcp:tcp_receive_reset also fires when this kernel aborts a shut-down socket on data;
+            # then a send event marked local_abort follows at once (the same call chain)
+            self._held.append((self._polls, ev))
+            return
+        if ev.extra.get("local_abort") and self._held:
+            tup = (ev.netns, ev.laddr, ev.lport, ev.raddr, ev.rport)
+            for i, (_n, held) in enumerate(self._held):
+                if (held.netns, held.laddr, held.lport, held.raddr, held.rport) == tup:
+                    del self._held[i]  # no RST arrived: the count was taken back in the kernel too
+                    break
+        self._pass(ev)
+
+    def _release_held(self, everything: bool = False) -> None:
+        """Deliver held received events that no correction claimed within two polls."""
+        keep: List[Tuple[int, Event]] = []
+        for n, ev in self._held:
+            if everything or self._polls - n >= 2:
+                self._pass(ev)
+            else:
+                keep.append((n, ev))
+        self._held = keep
+
+    def _pass(self, ev: Event) -> None:
         if not self.filter.match(ev):
             return
         self.delivered += 1
@@ -117,27 +175,86 @@ class Session:
             return []
         with self._lock:
             evs = self.poller.poll()
+            self.prune()
         for ev in evs:
             if self.options.events:
                 self.deliver(ev)
         return evs
 
-    def _traced_overflows(self) -> Optional[Dict[int, int]]:
-        """Listen overflows the BPF programs counted, per netns; None when none can be."""
-        f = self.facts
-        if f.listen_overflow_reason is None and not f.kp_syn_recv and not f.kp_conn_request:
-            return None
-        out: Dict[int, int] = {}
-        for (kind, _r, _s, _f, netns, _p, _fl), n in self.tracer.counters().items():
+    def _traced(self) -> Dict[int, Dict[str, int]]:
+        """Per netns, what the BPF programs counted that the kernel's counters count too
+        (overflow.Traced): listen overflows, and the resets EmbryonicRsts counts."""
+        out: Dict[int, Dict[str, int]] = {}
+        listen = self.facts.tcp_listen
+        for (kind, reason, state, _f, netns, _p, flags), n in self.tracer.counters().items():
             if kind in (c.KIND_LISTEN_OVERFLOW_ACK, c.KIND_LISTEN_OVERFLOW_SYN):
-                out[netns] = out.get(netns, 0) + n
+                name = "ListenOverflows"
+            elif kind == c.KIND_RECEIVED and flags & c.F_REQUEST_SOCK:
+                name = "EmbryonicRsts"
+            elif kind == c.KIND_SENT and (
+                    (reason is not None and reason == self._invalid_syn)
+                    or (reason is None and state == listen and not flags & c.F_ACTIVE)):
+                # tcp_check_req's embryonic reset (INVALID_SYN; before 6.10 a passive reset by a
+                # listener, as infer_sent_reason names it) counts EmbryonicRsts too
+                name = "EmbryonicRsts"
+            else:
+                continue
+            d = out.setdefault(netns, {})
+            d[name] = d.get(name, 0) + n
         return out
+
+    def prune(self) -> None:
+        """Forget namespaces that are gone (called with the poller's view, under its lock).
+
+        A namespace no poll found twice running, or whose inode now belongs to a new namespace
+        (the poller saw its cookie change or its counters go down), has its BPF counters
+        deleted and their counts folded into ``retired`` (netns None): totals never go down, the
+        map holds only live namespaces, and a reused inode starts from zero. Counts a new
+        namespace made on a reused inode before the poll that noticed it go with the old one.
+        """
+        if self.poller is None or not self.poller.polled:
+            return
+        gone = self.poller.take_gone()
+        live = self.poller.live
+        inodes = {k[4] for k in self.tracer.counters() if k[4]}
+        for ino in inodes - live:
+            self._missing[ino] = self._missing.get(ino, 0) + 1
+            if self._missing[ino] >= 2:
+                gone.add(ino)
+        for ino in list(self._missing):
+            if ino in live or ino not in inodes:
+                self._missing.pop(ino, None)
+        gone -= {0}
+        if not gone:
+            return
+        for key, n in self._name_counts(self.tracer.retire_netns(gone)).items():
+            k = CountKey(key.kind, key.reason, key.reason_source, key.state, key.family, None, key.port)
+            self.retired[k] = self.retired.get(k, 0) + n
+        for ino in gone:
+            self._missing.pop(ino, None)
+            # its BPF counts start again from zero: so does the poller's view of them
+            self.poller.traced_seen.pop(ino, None)
+            for (kind, reason, port, state), n in self.poller.totals.retire(ino).items():
+                k = CountKey(kind, reason, "kernel", state, None, None, port)
+                self.retired[k] = self.retired.get(k, 0) + n
 
     # --- counters ------------------------------------------------------------------------
     def counts(self) -> Dict[CountKey, int]:
-        """Every exact count so far with names: BPF map counters plus counter-derived kinds."""
+        """Every exact count so far with names: BPF map counters, counter-derived kinds, and the
+        retired counts of namespaces that are gone (netns None)."""
+        with self._lock:
+            out = self._name_counts(self.tracer.counters())
+            for k, n in self.retired.items():
+                out[k] = out.get(k, 0) + n
+            items = list(self.poller.totals.counts.items()) if self.poller is not None else []
+        for (dkind, dreason, dnetns, dport, dstate), n in items:
+            key = CountKey(dkind, dreason, "kernel", dstate, None, dnetns, dport)
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def _name_counts(self, raw: Dict[Tuple[int, Optional[int], int, int, int, int, int], int]) -> Dict[CountKey, int]:
         out: Dict[CountKey, int] = {}
-        for (kind, reason, state, family, netns, port, flags), n in self.tracer.counters().items():
+        for (kind, reason, state, family, netns, port, flags), n in raw.items():
             kname = c.KIND_NAMES.get(kind, "unknown:%d" % kind)
             sname = self.facts.state_name(state)
             if netns or reason is not None:
@@ -147,12 +264,6 @@ class Session:
             key = CountKey(kname, rname, rsrc, sname, {c.AF_INET: "ipv4", c.AF_INET6: "ipv6"}.get(family),
                            netns or None, port or None)
             out[key] = out.get(key, 0) + n
-        if self.poller is not None:
-            with self._lock:
-                items = list(self.poller.totals.counts.items())
-            for (dkind, dreason, dnetns, dport), n in items:
-                key = CountKey(dkind, dreason, "kernel", None, None, dnetns, dport)
-                out[key] = out.get(key, 0) + n
         return out
 
     def lost(self) -> Dict[str, int]:

@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import codegen
 from . import contract as c
@@ -176,7 +176,7 @@ class Tracer:
         out = [
             ("rsttrace_send_reset", tp("tcp:tcp_send_reset", "RAW_SEND_RESET"), "HAVE_TP_SEND_RESET"),
             ("rsttrace_receive_reset", tp("tcp:tcp_receive_reset", "RAW_RECEIVE_RESET"), "HAVE_TP_RECEIVE_RESET"),
-            ("rsttrace_kfree_skb", tp("skb:kfree_skb", "RAW_KFREE_SKB"), "HAVE_TP_LISTEN_OVERFLOW_ACK"),
+            ("rsttrace_kfree_skb", tp("skb:kfree_skb", "RAW_KFREE_SKB"), "HAVE_TP_KFREE_SKB"),
             ("rsttrace_kp_send_reset", "kprobe tcp_v4_send_reset", "HAVE_KP_SEND_RESET"),
             ("rsttrace_kp_syn_recv", "kprobe tcp_v4_syn_recv_sock", "HAVE_KP_SYN_RECV"),
             ("rsttrace_kp_conn_request", "kprobe tcp_conn_request", "HAVE_KP_CONN_REQUEST"),
@@ -261,6 +261,34 @@ class Tracer:
             total = sum(int(x) for x in v)
             if total:
                 key = (int(k.value), None, 0, 0, 0, 0, 0)
+                out[key] = out.get(key, 0) + total
+        return out
+
+    def retire_netns(self, inodes: Set[int]) -> Dict[CounterTuple, int]:
+        """Delete the counters of these namespaces (gone, or their inode handed to a new one) and
+        return what they held, so a caller can keep totals monotonic. The kernel reuses a freed
+        namespace's inode number at once: without this a new pod would inherit a dead one's
+        counts, and a node with pod churn would fill the map with history."""
+        out: Dict[CounterTuple, int] = {}
+        if not inodes:
+            return out
+        with self._lock:
+            if self.bpf is None:
+                return out
+            table = self.bpf[b"counters"]
+            for k, _v in list(table.items()):
+                if int(k.netns) not in inodes:
+                    continue
+                reason = None if k.reason == c.REASON_NONE else int(k.reason)
+                key: CounterTuple = (
+                    int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port), int(k.flags)
+                )
+                try:
+                    # read again right before the delete: a count made since items() is kept
+                    total = sum(int(x) for x in table[k])
+                    del table[k]
+                except KeyError:
+                    continue
                 out[key] = out.get(key, 0) + total
         return out
 

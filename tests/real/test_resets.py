@@ -14,6 +14,7 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from books import balance, snapshot
 from netlab import (
     Netns,
     closed_port,
@@ -61,6 +62,7 @@ FAMILIES = [
 @pytest.mark.parametrize("family,addr,fname", FAMILIES)
 def test_connect_to_closed_port(tracing: Any, ns: Netns, family: int, addr: str, fname: str) -> None:
     n = 5
+    books = snapshot(tracing, ns)
     before, mc0, start = ns.counters(), map_counts(tracing, ns), now_ns()
     with ns.inside():
         port = closed_port(family, addr)
@@ -90,6 +92,7 @@ def test_connect_to_closed_port(tracing: Any, ns: Netns, family: int, addr: str,
         assert (e["laddr"], e["raddr"], e["rport"]) == (addr, addr, port)
         assert e["cookie"] == cookies[e["lport"]]  # the cookie the application sees (SO_COOKIE)
     assert sorted(e["lport"] for e in received) == sorted(clients)
+    balance(tracing, ns, books, "closed port " + fname)
 
 
 def _raw(tracing: Any, name: str) -> int:
@@ -97,6 +100,7 @@ def _raw(tracing: Any, name: str) -> int:
 
 
 def test_close_with_unread_data(tracing: Any, ns: Netns) -> None:
+    books = snapshot(tracing, ns)
     before, start = ns.counters(), now_ns()
     with ns.inside():
         srv, cl, acc = pair()
@@ -117,6 +121,7 @@ def test_close_with_unread_data(tracing: Any, ns: Netns) -> None:
     r = evs(tracing, ns, start, "received")[0]
     assert (r["state"], r["reason"]) == ("TCP_ESTABLISHED", "ECONNRESET")
     assert (r["lport"], r["rport"]) == (client_port, server_port)
+    balance(tracing, ns, books, "close() with unread data")
     srv.close()
     cl.close()
 
@@ -129,6 +134,7 @@ def _readable(s: socket.socket) -> bool:
 
 @pytest.mark.parametrize("linger_secs,expect_rst", [(0, True), (1, False)], ids=["linger0", "linger1"])
 def test_close_with_so_linger(tracing: Any, ns: Netns, linger_secs: int, expect_rst: bool) -> None:
+    books = snapshot(tracing, ns)
     before, start = ns.counters(), now_ns()
     with ns.inside():
         srv, cl, acc = pair()
@@ -154,11 +160,13 @@ def test_close_with_so_linger(tracing: Any, ns: Netns, linger_secs: int, expect_
         else:
             assert (sent[0]["reason"], sent[0]["reason_source"]) == ("TCP_ABORT_ON_CLOSE", "inferred")
         assert sent[0]["pid"] == os.getpid()
+    balance(tracing, ns, books, "SO_LINGER {1,%d}" % linger_secs)
     srv.close()
     cl.close()
 
 
 def test_rst_received_by_established_connection(tracing: Any, ns: Netns) -> None:
+    books = snapshot(tracing, ns)
     before, start = ns.counters(), now_ns()
     with ns.inside():
         srv, cl, acc = pair(socket.AF_INET6, "::1")
@@ -175,6 +183,7 @@ def test_rst_received_by_established_connection(tracing: Any, ns: Netns) -> None
     assert e["pid"] is None  # delivered in softirq, not by the owner
     with pytest.raises(ConnectionResetError):
         cl.recv(1)
+    balance(tracing, ns, books, "RST to an established connection (IPv6)")
     srv.close()
     cl.close()
 
@@ -185,6 +194,7 @@ def test_data_to_time_wait_socket(tracing: Any, ns: Netns) -> None:
     if not tracing.facts.send_has_reason and not tracing.facts.kp_send_reset:
         pytest.skip("before 6.10 tcp_send_reset does not fire for TIME_WAIT sockets, and this kernel has no "
                     "kprobes to see them")
+    books = snapshot(tracing, ns)
     before, start = ns.counters(), now_ns()
     with ns.inside():
         srv, cl, acc = pair()
@@ -201,6 +211,7 @@ def test_data_to_time_wait_socket(tracing: Any, ns: Netns) -> None:
     assert sent[0]["pid"] is None
     r = evs(tracing, ns, start, "received")[0]
     assert (r["state"], r["reason"]) == ("TCP_CLOSE_WAIT", "EPIPE")
+    balance(tracing, ns, books, "data to a TIME_WAIT socket")
     srv.close()
     acc.close()
 
@@ -233,6 +244,7 @@ def _overflow_total(tracing: Any, ns: Netns, start: int) -> int:
 
 
 def test_accept_queue_overflow_on_syn(tracing: Any, ns: Netns) -> None:
+    books = snapshot(tracing, ns)
     before, start = ns.counters(), now_ns()
     with ns.inside():
         port, socks = overflow_accept_queue("127.0.0.1", clients=6, backlog=1)
@@ -249,11 +261,13 @@ def test_accept_queue_overflow_on_syn(tracing: Any, ns: Netns) -> None:
     # the listener was full at poll time: it is named, with its queue
     assert syn[0]["lport"] == port and syn[0]["laddr"] == "127.0.0.1"
     assert syn[0]["backlog"] > syn[0]["max_backlog"] == 1
+    balance(tracing, ns, books, "accept queue full on SYN")
 
 
 @pytest.mark.parametrize("abort_on_overflow", [0, 1])
 def test_accept_queue_overflow_on_final_ack(tracing: Any, ns: Netns, abort_on_overflow: int) -> None:
     ns.sysctl("net.ipv4.tcp_abort_on_overflow", str(abort_on_overflow))
+    books = snapshot(tracing, ns)
     before, start = ns.counters(), now_ns()
     with ns.inside():
         port, socks = overflow_on_ack("127.0.0.1", clients=5, backlog=1)
@@ -285,6 +299,7 @@ def test_accept_queue_overflow_on_final_ack(tracing: Any, ns: Netns, abort_on_ov
                 assert e["reason"] == "INVALID_SYN"
             # the kernel passes the listener; rsttrace reports the peer from the packet
             assert e["rport"] in clients and e["lport"] == port and e["peer_from_packet"] is True
+    balance(tracing, ns, books, "accept queue full on final ACK, abort_on_overflow=%d" % abort_on_overflow)
 
 
 @pytest.mark.parametrize("syncookies,counter", [(0, "TCPReqQFullDrop"), (1, "TCPReqQFullDoCookies")])
@@ -292,6 +307,7 @@ def test_syn_queue_overflow(tracing: Any, ns: Netns, syncookies: int, counter: s
     """TCP_DEFER_ACCEPT keeps handshakes in the SYN queue; with backlog 1 the third SYN finds it
     full: dropped without syncookies, answered with a cookie with them (tcp_syn_flood_action)."""
     ns.sysctl("net.ipv4.tcp_syncookies", str(syncookies))
+    books = snapshot(tracing, ns)
     before, start = ns.counters(), now_ns()
     with ns.inside():
         srv = socket.socket()
@@ -315,3 +331,4 @@ def test_syn_queue_overflow(tracing: Any, ns: Netns, syncookies: int, counter: s
     got = [e for e in evs(tracing, ns, start, "syn_queue_overflow") if e["reason"] == counter]
     assert sum(e["count"] for e in got) == expected, (got, before, after)
     assert all(e["source"] == "counters" for e in got)
+    balance(tracing, ns, books, "SYN queue full (DEFER_ACCEPT), syncookies=%d" % syncookies)

@@ -23,6 +23,7 @@ OWN_REASONS: Dict[str, str] = {
     "TCP_ABORT_ON_CLOSE": "sent, inferred (kernel < 6.10)",
     "NOT_SPECIFIED": "sent, inferred (kernel < 6.10)",
     "INVALID_SYN": "sent, inferred (kernel < 6.10)",
+    "TCP_ABORT_ON_DATA": "sent, inferred (kernel < 6.10): a local abort on data after shutdown",
     # received: the errno tcp_reset() hands the application (events.RECEIVED_ERRNO)
     "ECONNREFUSED": "received, errno by state",
     "ECONNRESET": "received, errno by state",
@@ -31,6 +32,8 @@ OWN_REASONS: Dict[str, str] = {
     "ListenOverflows": "listen_overflow_syn, TcpExt counter",
     "TCPReqQFullDrop": "syn_queue_overflow, TcpExt counter",
     "TCPReqQFullDoCookies": "syn_queue_overflow, TcpExt counter",
+    "ListenDrops": "listen_drop, TcpExt counter (drops no other counter names)",
+    "EmbryonicRsts": "received on a request socket (SYN_RECV): traced at kfree_skb, or the TcpExt counter",
 }
 
 # skb_drop_reason names the tracer reports (named from the kernel's kfree_skb table when it has them)

@@ -43,7 +43,8 @@ class UsageError(Exception):
 
 
 def fail(msg: str) -> NoReturn:
-    sys.stderr.write("rsttrace: error: %s\n" % " ".join(msg.split()))  # one line, whatever the message held
+    # one line whatever the message held, and nothing a terminal would act on (paths, values as typed)
+    sys.stderr.write("rsttrace: error: %s\n" % output.terminal_safe(" ".join(msg.split())))
     sys.exit(2)
 
 

@@ -19,7 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 from netlab import Netns
@@ -58,9 +58,10 @@ def as_nobody() -> None:
     os.setuid(NOBODY)
 
 
-def run(argv: List[str], preexec: Callable[[], None] = forbid_bpf) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+def run(argv: List[str], preexec: Callable[[], None] = forbid_bpf,
+        env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     """``python -m rsttrace ARGV`` as a user runs it (bpf(2) forbidden unless ``preexec`` says otherwise)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **(env or {}))
     return subprocess.run([PY, "-m", "rsttrace", *argv], capture_output=True, text=True, preexec_fn=preexec,
                           env=env, cwd="/", timeout=120)
 
@@ -109,6 +110,16 @@ def test_refused_before_bpf(argv: object, piece: str) -> None:
     assert_one_error(run(list(args)), piece)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("env,piece", [
+    ({"BCC_KERNEL_SOURCE": "/nonexistent"}, "BCC_KERNEL_SOURCE=/nonexistent has no include/ directory: point it at a "
+                                            "kernel headers tree"),
+    ({"BCC_KERNEL_SOURCE": "/"}, "BCC_KERNEL_SOURCE=/ has no include/ directory"),
+])
+def test_bad_environment_refused_before_bpf(env: Dict[str, str], piece: str) -> None:
+    require_real_kernel()
+    assert_one_error(run(["trace"], env=env), piece)
+
+
 def test_unknown_reason_lists_this_kernels_names() -> None:
     require_real_kernel()
     from rsttrace import kernel, names, tracefs
@@ -140,7 +151,8 @@ def cache_merges_here() -> None:
 
 
 def run_private(setup: str, argv: List[str], after: str = "", nobody: bool = False, umask: Optional[str] = None,
-                preexec: Callable[[], None] = forbid_bpf) -> Tuple[subprocess.CompletedProcess, str]:  # type: ignore[type-arg]
+                preexec: Callable[[], None] = forbid_bpf,
+                env: Optional[Dict[str, str]] = None) -> Tuple[subprocess.CompletedProcess, str]:  # type: ignore[type-arg]
     """``setup`` as root in a fresh mount namespace (`unshare -m`), then rsttrace ARGV (as nobody if
     asked), then ``after``. Returns the run (stdout: rsttrace's only) and what ``after`` printed."""
     rst = " ".join(shlex.quote(a) for a in [PY, "-m", "rsttrace", *argv])
@@ -148,7 +160,7 @@ def run_private(setup: str, argv: List[str], after: str = "", nobody: bool = Fal
         rst = "setpriv --reuid=%d --regid=%d --clear-groups %s" % (NOBODY, NOBODY, rst)
     body = "set -eu\n%s\nset +e\n%s%s\nrc=$?\necho --after--\n%s\nexit $rc\n" % (
         setup, "umask %s\n" % umask if umask else "", rst, after)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **(env or {}))
     p = subprocess.run(["unshare", "-m", "sh", "-c", body], capture_output=True, text=True, preexec_fn=preexec,
                        env=env, cwd="/", timeout=120)
     p.stdout, _, post = p.stdout.partition("--after--\n")
@@ -164,6 +176,15 @@ def test_cache_owned_by_another_user_is_refused(owned_by_nobody: str) -> None:
     p, _ = run_private(setup, ["trace", "--json"])
     line = assert_one_error(p, "header cache: %s is owned by uid 65534, not root" % owned_by_nobody)
     assert line.endswith("(remove it, rm -rf {v}, or chown -R root: {v})".format(v=owned_by_nobody)), line
+
+
+@pytest.mark.parametrize("value", ["relative/cache", ""])
+def test_cache_variable_must_be_absolute(value: str) -> None:
+    require_real_kernel()
+    cache_merges_here()
+    p, _ = run_private(PRIVATE, ["trace"], env={"RSTTRACE_CACHE": value})
+    assert_one_error(p, "RSTTRACE_CACHE=%r is not an absolute path (set it to a root-owned directory, or unset it "
+                        "for /var/cache/rsttrace)" % value)
 
 
 def test_group_writable_tree_is_refused_naming_the_directory() -> None:

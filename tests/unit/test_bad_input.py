@@ -105,6 +105,14 @@ PARSE_LEVEL: List[Tuple[List[str], str]] = [
     (["trace", "--netns", "\u0661\u0662"], "is not a netns inode"),  # Arabic-Indic 12
     (["trace", "--netns", "abc"], "is not a netns inode"),
     (["trace", "--netns", ""], "is not a netns inode"),
+    (["trace", "--netns", "net:[4026531840]x"], "is not a netns inode"),
+    (["trace", "--duration", "1e3"], "not a number of seconds"),  # decimal only, as --help says
+    (["trace", "--overflow-interval", "."], "not a number of seconds"),
+    (["trace", "--count", "1.0"], "not a whole number"),
+    (["trace", "--count", "0x10"], "not a whole number"),
+    (["reasons", "--json", "extra"], "unrecognized arguments: extra"),
+    (["doctor", "--no-load", "--bogus"], "unrecognized arguments: --bogus"),
+    (["export", "--max-series", "\u0661"], "not a whole number"),
     (["summary", "--netns", "0"], "is not a netns inode"),
 ]
 
@@ -119,6 +127,11 @@ BEFORE_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--port", ","], "bad port ''"),
     (["trace", "--port", "http"], "bad port 'http'"),
     (["trace", "--port", "80,"], "bad port ''"),
+    (["trace", "--port", "1-100"], "bad port '1-100'"),
+    (["trace", "--addr", "300.1.1.1"], "bad address '300.1.1.1'"),
+    (["trace", "--addr", "10.0.0.1/33"], "bad address"),
+    (["trace", "--kind", "SENT"], "unknown kind 'SENT'"),
+    (["trace", "--kind", "\x1b[2J"], "unknown kind '\\x1b[2J'"),  # shown escaped, never acted on
     (["trace", "--addr", "10.0.0.0/40"], "bad address '10.0.0.0/40'"),
     (["trace", "--addr", ""], "bad address ''"),
     (["trace", "--addr", ","], "bad address ''"),
@@ -142,6 +155,8 @@ AGAINST_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--netns", "net:[4294967295]"], "no network namespace has that inode now"),
     (["summary", "--netns", "4294967295"], "no network namespace has that inode now"),
     (["trace", "--proc-root", "/nonexistent/proc"], "--proc-root /nonexistent/proc: no such directory"),
+    (["trace", "--proc-root", "/x\x1b[2J\x07"], "--proc-root /x\\x1b[2J\\x07: no such"),  # escaped
+    (["trace", "--netns", " 4294967295 "], "--netns 4294967295: no network namespace"),
 ]
 
 

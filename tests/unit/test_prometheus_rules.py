@@ -19,6 +19,8 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML; stubs (types-PyYAML) optional
 
+from rsttrace.exporter import OVERFLOW_KIND, SYN_QUEUE_KIND
+
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
 RULES = PROM_DIR / "rules.yml"
@@ -209,6 +211,47 @@ def test_required_alerts_exist() -> None:
         recorded[m] for m in metric_names(expanded("RsttraceCoverageLow")) if m in recorded)
     assert "rsttrace_program_attached" in exprs["RsttraceProgramNotAttached"]
     assert "rsttrace_events_lost_total" in exprs["RsttraceEventsLost"]
+
+
+def _overflow_kinds(text: str) -> Set[str]:
+    """The kind values a PromQL text or series selects on rsttrace_tcp_listen_overflows_total
+    (kind="a" or kind=~"a|b"; the alternatives are literals)."""
+    kinds: Set[str] = set()
+    for match in re.finditer(r'rsttrace_tcp_listen_overflows_total\{([^{}]*)\}', text):
+        for op, value in re.findall(r'\bkind\s*(=~|=)\s*"([^"]*)"', match.group(1)):
+            kinds.update(value.split("|") if op == "=~" else [value])
+    return kinds
+
+
+def test_overflow_kinds_are_the_exporters() -> None:
+    """Rules, their unit tests and the dashboard select only kinds the exporter exports (a renamed
+    kind, like syn_queue split into syn_queue_drop/syn_cookie, must not leave an alert silent)."""
+    exported = set(OVERFLOW_KIND.values()) | set(SYN_QUEUE_KIND.values())
+    assert {"syn", "ack", "syn_queue_drop", "syn_cookie", "syn_drop"} <= exported
+    texts = [("rules.yml", RULES.read_text())]
+    texts += [(path.name, path.read_text()) for path in RULE_TESTS]
+    texts += [(title, expr) for title, expr in _dashboard_exprs()]
+    used: Set[str] = set()
+    for where, text in texts:
+        kinds = _overflow_kinds(text)
+        assert not kinds - exported, f"{where}: kinds the exporter does not export: {sorted(kinds - exported)}"
+        used |= kinds
+    # Refused SYNs and SYNs absorbed by cookies are told apart: each is selected somewhere.
+    assert {"syn_queue_drop", "syn_drop", "syn_cookie"} <= used
+
+
+def test_syn_alerts_read_rsttraces_per_namespace_counts() -> None:
+    """The host namespace's kernel counters miss a flood in a pod: the SYN alerts select
+    rsttrace's own kinds; drops and cookies are separate alerts."""
+    exprs = {alert["alert"]: alert["expr"] for alert in _alerts()}
+    recorded = {rule["record"]: rule["expr"] for rule in _rules() if "record" in rule}
+
+    def kinds(name: str) -> Set[str]:
+        expr = str(exprs[name])
+        return _overflow_kinds(expr + " ".join(str(recorded[m]) for m in metric_names(expr) if m in recorded))
+
+    assert kinds("RsttraceSynQueueDrops") == {"syn_queue_drop", "syn_drop"}
+    assert kinds("RsttraceSynQueueOverflow") == {"syn_cookie"}
 
 
 def test_every_alert_is_unit_tested_firing_and_quiet() -> None:

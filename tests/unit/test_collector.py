@@ -67,6 +67,8 @@ def test_samples_sum_namespaces_and_read_kernel_counters(proc_net: str) -> None:
         CountKey("listen_overflow_ack", "TCP_LISTEN_OVERFLOW", "kernel", "TCP_LISTEN", "ipv4", 1, 8080): 2,
         CountKey("listen_overflow_syn", "ListenOverflows", "kernel", None, None, 1, 8080): 3,
         CountKey("syn_queue_overflow", "TCPReqQFullDrop", "kernel", None, None, 1, None): 1,
+        CountKey("syn_queue_overflow", "TCPReqQFullDoCookies", "kernel", None, None, 1, 443): 7,
+        CountKey("listen_drop", "ListenDrops", "kernel", None, None, 2, None): 5,
     })
     r = registry(s, proc_net, SeriesCap(64, 2000))
     v = r.get_sample_value
@@ -77,7 +79,11 @@ def test_samples_sum_namespaces_and_read_kernel_counters(proc_net: str) -> None:
     assert v("rsttrace_tcp_resets_received_total", {"state": "TCP_SYN_SENT", "family": "ipv6"}) == 9
     assert v("rsttrace_tcp_listen_overflows_total", {"kind": "ack", "port": "8080"}) == 2
     assert v("rsttrace_tcp_listen_overflows_total", {"kind": "syn", "port": "8080"}) == 3
-    assert v("rsttrace_tcp_listen_overflows_total", {"kind": "syn_queue", "port": "unknown"}) == 1
+    # SYNs refused and SYNs absorbed by cookies are separate series (the alerts tell them apart).
+    assert v("rsttrace_tcp_listen_overflows_total", {"kind": "syn_queue_drop", "port": "unknown"}) == 1
+    assert v("rsttrace_tcp_listen_overflows_total", {"kind": "syn_cookie", "port": "443"}) == 7
+    assert v("rsttrace_tcp_listen_overflows_total", {"kind": "syn_drop", "port": "unknown"}) == 5
+    assert v("rsttrace_tcp_listen_overflows_total", {"kind": "syn_queue", "port": "unknown"}) is None
     assert v("rsttrace_events_lost_total", {"stage": "kernel"}) == 3
     assert v("rsttrace_events_lost_total", {"stage": "user"}) == 1
     assert v("rsttrace_program_attached", {"program": "rsttrace_send_reset"}) == 1

@@ -15,6 +15,10 @@ Rules (see ``parse_cgroup_path``):
   ``cri-containerd-<id>.scope``, ``crio-<id>.scope``, ``docker-<id>.scope``
   (systemd) or a bare ``<id>`` / ``crio-<id>`` / ``docker-<id>`` (cgroupfs).
 
+Outside any pod, a container of podman or Docker run by hand (``libpod-<id>.scope`` or
+``docker-<id>.scope`` under systemd, ``libpod-<id>`` under podman's cgroupfs manager, full
+64-digit ids only) gives an identity with an empty pod UID: its container id names it.
+
 The pod component is searched anywhere in the path, not only under
 ``/kubepods``: a kubelet ``--cgroup-root`` (``/kubelet.slice/kubelet-kubepods.slice``
 on kind) prefixes it, and a reader inside its own cgroup namespace sees other
@@ -49,12 +53,14 @@ _CTR_CGROUPFS = re.compile(
     r"^(?:(?:cri-containerd|containerd|crio|cri-o|docker|libpod)-)?([0-9a-f]{12,64})$",
     re.IGNORECASE,
 )
+# Outside a pod: a podman (libpod) or Docker container of its own, named by its full id.
+_CTR_STANDALONE = re.compile(r"^(?:libpod|docker)-([0-9a-f]{64})(?:\.scope)?$", re.IGNORECASE)
 
 
 class CgroupIdentity(NamedTuple):
     """What a cgroup path says.  A tuple, so ``uid, cid = ...`` works."""
 
-    pod_uid: str
+    pod_uid: str  # "" for a container outside any pod (podman, Docker)
     # None for the pod's own cgroup or a non-container child of it.
     container_id: str | None
 
@@ -77,8 +83,8 @@ def _container_id_of(component: str) -> str | None:
 def parse_cgroup_path(path: str) -> CgroupIdentity | None:
     """Return ``(pod_uid, container_id)`` for a cgroup path, or None.
 
-    None means the path is not inside a pod (host services, user sessions,
-    QoS-level slices).  ``container_id`` is None when the path is the pod's
+    None means the path is neither inside a pod nor a podman/Docker container
+    (host services, user sessions, QoS-level slices).  ``container_id`` is None when the path is the pod's
     own cgroup or a non-container child of it (e.g. CRI-O's conmon scope).
     Only the component directly below the pod is taken as the container, so
     cgroups nested inside a container (systemd-in-container, DinD) still map
@@ -93,6 +99,10 @@ def parse_cgroup_path(path: str) -> CgroupIdentity | None:
             continue
         cid = _container_id_of(parts[i + 1]) if i + 1 < len(parts) else None
         return CgroupIdentity(uid, cid)
+    for part in reversed(parts):
+        m = _CTR_STANDALONE.match(part)
+        if m:
+            return CgroupIdentity("", m.group(1).lower())
     return None
 
 

@@ -87,7 +87,16 @@ PARSE_CASES = [
     ("user session", "/user.slice/user-1000.slice/session-3.scope", None),
     ("docker daemon", "/system.slice/docker.service", None),
     ("containerd daemon", "/system.slice/containerd.service", None),
-    ("plain docker container", f"/system.slice/docker-{CID}.scope", None),
+    # --- a container outside any pod: empty pod UID, its id (full ids only)
+    ("plain docker container", f"/system.slice/docker-{CID}.scope", ("", CID)),
+    ("podman, systemd manager", f"/machine.slice/libpod-{CID}.scope", ("", CID)),
+    ("podman, cgroupfs manager", f"/libpod_parent/libpod-{CID}", ("", CID)),
+    ("podman, nested cgroup inside", f"/machine.slice/libpod-{CID}.scope/container", ("", CID)),
+    ("podman's conmon is not the container", f"/machine.slice/libpod-conmon-{CID}.scope", None),
+    ("podman short id is not taken", f"/libpod_parent/libpod-{CID[:12]}", None),
+    ("pod wins over a standalone-looking parent", f"/libpod_parent/libpod-{CID2}/kubepods/pod{UID}/{CID}",
+     (UID, CID)),
+    # --- not a pod
     ("root", "/", None),
     ("qos slice", "/kubepods.slice/kubepods-burstable.slice", None),
     ("qos dir", "/kubepods/besteffort", None),

@@ -584,3 +584,22 @@ def test_refresh_failure_keeps_serving_last_snapshot(node: FakeNode, monkeypatch
         assert enr.lookup_netns(NS_WEB) == WEB
     finally:
         enr.stop()
+
+
+# --- containers outside any pod (podman, Docker run by hand) ---------------
+
+
+def test_podman_container_is_named_by_its_id_netns_and_cgroup(node: FakeNode) -> None:
+    add_web_pod(node)
+    cid = "f5" * 32
+    # as podman's cgroupfs manager on a hybrid host places it (what tests/real/test_image.py meets)
+    node.add_pid(500, NS_OTHER, "v1-hybrid-podman-cgroupfs.txt", cid=cid, comm="bash")
+    ctr = node.add_cgroup(f"libpod_parent/libpod-{cid}")
+    conmon = node.add_cgroup("libpod_parent/conmon")
+    enr = node.enricher()
+    enr.refresh()
+    standalone = PodInfo(namespace="", pod="", container="", container_id=cid, pod_uid="")
+    assert enr.lookup_netns(NS_OTHER) == standalone
+    assert enr.lookup_cgroup(ctr) == standalone
+    assert enr.lookup_cgroup(conmon) is None
+    assert enr.lookup_netns(NS_WEB) == WEB  # pods as before

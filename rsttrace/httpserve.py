@@ -10,9 +10,9 @@ reachable by a whole pod network needs, all in the I/O thread:
 - a connection limit derived from ``RLIMIT_NOFILE`` (at most a quarter of it, at most 100), so
   HTTP clients can never take the file descriptors the tracer and the overflow poller need: if
   descriptors run out, scrapes fail first and counting goes on;
-- at the limit, the idlest connections are closed to admit new ones (idle keep-alives first,
-  then requests still being received after a second), so idle or slow clients cannot lock
-  scrapers out as waitress's own "stop accepting at the limit" would;
+- at the limit, the idlest connections are closed to admit new ones (those with nothing to
+  read first, oldest first, then requests still being received after a second), so idle or
+  slow clients cannot lock scrapers out as waitress's own "stop accepting at the limit" would;
 - an idle timeout (``IDLE_TIMEOUT``) and a deadline for receiving a whole request, headers and
   body (``REQUEST_TIMEOUT``), however slowly its bytes trickle in;
 - ``EMFILE``/``ENFILE`` (and ``ENOBUFS``/``ENOMEM``) on ``accept()`` logged as one line, then
@@ -49,6 +49,7 @@ MAX_CONNECTIONS = 100  # waitress's default; lowered to a quarter of RLIMIT_NOFI
 BACKLOG = 1024  # listen(): above 128 for a fleet's scrapers; the kernel caps it at net.core.somaxconn
 IDLE_TIMEOUT = 15  # s: a connection with nothing to do is closed (Prometheus reconnects at its next scrape)
 REQUEST_TIMEOUT = 10  # s: from a request's first byte to its last, headers and body
+EVICT_IDLE_AFTER = 0.05  # s: at the limit, connections silent this long may be closed (a scraper sends at once)
 EVICT_PARTIAL_AFTER = 1.0  # s: at the limit, requests still being received after this may be dropped
 MAX_HEADER = 16384
 MAX_BODY = 65536  # only GET is served; nothing needs a body
@@ -141,6 +142,14 @@ class _Channel(HTTPChannel):  # type: ignore[misc]
         return bool(super().received(data))
 
 
+def _has_input(ch: Any) -> bool:
+    """Bytes wait in the connection's receive queue (read in this loop pass)."""
+    try:
+        return bool(ch.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing to read (EAGAIN), or the connection is gone
+        return False
+
+
 class _Server(TcpWSGIServer):  # type: ignore[misc]
     channel_class = _Channel
 
@@ -154,6 +163,7 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
         self.request_timeout = request_timeout
         self.paused_until = 0.0
         self.next_cleanup = 0.0
+        self.wake_soon = False
         dispatcher = ThreadedTaskDispatcher()
         dispatcher.set_thread_count(threads)
         super().__init__(app, map={}, _start=True, _sock=sock, dispatcher=dispatcher, adj=adj,
@@ -186,36 +196,47 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
             if ch.will_close or ch.requests or ch.total_outbufs_len:
                 continue  # closing already, or a request being served or answered
             if ch.request is None:
-                idle.append((ch.last_activity, ch))
+                if now - ch.last_activity >= EVICT_IDLE_AFTER:
+                    idle.append((ch.last_activity, ch))
             elif now - ch.request_started > EVICT_PARTIAL_AFTER:
                 partial.append((ch.request_started, ch))
         victims = [ch for _, ch in sorted(idle, key=lambda t: t[0])]
         victims += [ch for _, ch in sorted(partial, key=lambda t: t[0])]
         n = max(1, self.max_connections // 8)
-        for ch in victims[:n]:
+        closed = 0
+        self.wake_soon = True  # look again shortly, not at the loop's 1 s timeout
+        for ch in victims:
+            if closed >= n:
+                break
+            if _has_input(ch):
+                continue  # a request waiting to be read (a scraper sends at once): not idle
             ch.will_close = True
+            closed += 1
         _once("limit", "warning", "http connection limit reached: closing the idlest connections",
-              limit=self.max_connections, closed=min(n, len(victims)))
+              limit=self.max_connections, closed=closed)
 
     def handle_accept(self) -> None:
-        try:
-            v = self.accept()
-        except OSError as e:
-            if e.errno in STARVED:
-                # Out of descriptors (or kernel memory): scrapes are refused for a second, the
-                # tracer keeps what it holds. The connection waits in the backlog meanwhile.
-                self.paused_until = time.monotonic() + 1.0
-                _once("starved", "warning", "http: cannot accept a connection, refusing scrapes for now; "
-                      "counting goes on", error=e.strerror or str(e))
-            return
-        if v is None:
-            return
-        conn, addr = v
-        try:
-            self.set_socket_options(conn)
-            self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
-        except OSError:
-            conn.close()  # the client left already
+        # Everything waiting, up to the limit: one accept per loop pass (waitress's way) lets a
+        # flood in the backlog delay scrapers queued behind it.
+        while len(self.active_channels) < self.max_connections:
+            try:
+                v = self.accept()
+            except OSError as e:
+                if e.errno in STARVED:
+                    # Out of descriptors (or kernel memory): scrapes are refused for a second, the
+                    # tracer keeps what it holds. The connection waits in the backlog meanwhile.
+                    self.paused_until = time.monotonic() + 1.0
+                    _once("starved", "warning", "http: cannot accept a connection, refusing scrapes for now; "
+                          "counting goes on", error=e.strerror or str(e))
+                return
+            if v is None:
+                return  # nothing more waiting
+            conn, addr = v
+            try:
+                self.set_socket_options(conn)
+                self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+            except OSError:
+                conn.close()  # the client left already
 
     def handle_error(self) -> None:
         # wasyncore's default logs a traceback and closes the listening socket: neither here.
@@ -260,9 +281,13 @@ class HttpServer:
     def _loop(self) -> None:
         assert self.server is not None
         m = self.server._map
+        srv = self.server
         while m and not self.stopping:
             try:
-                wasyncore.loop(timeout=1.0, map=m, use_poll=True)
+                # at the limit, look again shortly (young idle connections become closable)
+                full = srv.wake_soon or len(srv.active_channels) >= srv.max_connections
+                timeout, srv.wake_soon = (0.02 if full else 1.0), False
+                wasyncore.poll2(timeout, m)
             except Exception as e:  # never let the HTTP side die of one bad moment
                 _once("loop", "warning", "http server loop error, restarting it",
                       error="%s: %s" % (type(e).__name__, e))

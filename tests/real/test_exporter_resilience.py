@@ -1,0 +1,301 @@
+"""`rsttrace export` against hostile HTTP clients, as a DaemonSet pod meets them on a pod network.
+
+The exporter runs under ``ulimit -n 256`` (set in the child) with counters per namespace
+(``--netns-label``); resets are made in the test's own namespace meanwhile and compared with that
+namespace's ``OutRsts``. One exporter serves the module's tests (bcc compiles once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+from netlab import Netns, closed_port, connect_refused, delta, wait_for
+from realkernel import require_real_kernel
+from test_cli import rsttrace, wait_ready
+from test_exporter import free_port, sample, scrape, sent_labels
+
+from rsttrace.httpserve import IDLE_TIMEOUT, REQUEST_TIMEOUT
+
+NOFILE = 256
+IDLE_CONNECTIONS = 1000
+SCRAPES = 200
+
+
+def proc_status(pid: int, key: str) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (key, pid))
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+class LimitedExporter:
+    """rsttrace export in a child whose RLIMIT_NOFILE is 256; stderr collected throughout."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+        self.proc = subprocess.Popen(
+            rsttrace("--log-format", "json", "export", "--listen", "127.0.0.1:%d" % self.port,
+                     "--netns-label", "--log-rate", "0"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=limit,
+        )
+        self.lines: List[str] = []
+        wait_ready(self.proc)
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+        assert wait_for(self.healthy, timeout=15), "exporter did not answer /healthz"
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def healthy(self) -> bool:
+        try:
+            return scrape(self.port, "/healthz") == "ok\n"
+        except OSError:
+            return False
+
+    def logged(self, event: str) -> List[Dict[str, Any]]:
+        out = []
+        for ln in list(self.lines):
+            if ln.startswith("{"):
+                d = json.loads(ln)
+                if d.get("event") == event:
+                    out.append(d)
+        return out
+
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=30)
+        self.reader.join(timeout=5)
+        return rc
+
+
+@pytest.fixture(scope="module")
+def exporter() -> Iterator[LimitedExporter]:
+    require_real_kernel()
+    e = LimitedExporter()
+    try:
+        yield e
+    finally:
+        rc = e.stop()
+        assert "Traceback" not in e.stderr(), e.stderr()[-3000:]
+        assert rc == 0, e.stderr()[-3000:]
+
+
+def open_idle(port: int, n: int) -> List[socket.socket]:
+    """n connections that never send a byte (non-blocking connects: the handshakes complete in
+    the kernel, in the listener's backlog, whatever the server does)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing sent
+    except OSError:
+        return True  # reset or refused: gone as well
+
+
+def concurrent_scrapes(port: int, n: int, timeout: float = 10.0) -> Tuple[List[float], List[str]]:
+    """n scrapes of /metrics started at once from one event loop (no client thread waits for
+    the GIL between its connect and its request); (seconds each took, failures)."""
+    sel = selectors.DefaultSelector()
+    request = b"GET /metrics HTTP/1.0\r\nHost: rsttrace\r\n\r\n"
+    got: Dict[socket.socket, bytearray] = {}
+    took: List[float] = []
+    failed: List[str] = []
+    t0 = time.monotonic()
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        sel.register(s, selectors.EVENT_WRITE)
+        got[s] = bytearray()
+
+    def done(s: socket.socket, why: Optional[str]) -> None:
+        sel.unregister(s)
+        s.close()
+        body = bytes(got[s])
+        ok = body.startswith(b"HTTP/1.") and b" 200 " in body[:16] and b"rsttrace_build_info" in body
+        if why is None and not ok:
+            why = "bad answer %r" % body[:60]
+        if why is None:
+            took.append(time.monotonic() - t0)
+        else:
+            failed.append("%s after %.1fs" % (why, time.monotonic() - t0))
+
+    while sel.get_map() and time.monotonic() - t0 < timeout:
+        for key, ev in sel.select(timeout=0.5):
+            s = key.fileobj  # type: ignore[assignment]
+            try:
+                if ev & selectors.EVENT_WRITE:
+                    s.sendall(request)
+                    sel.modify(s, selectors.EVENT_READ)
+                    continue
+                chunk = s.recv(65536)
+            except OSError as e:
+                done(s, str(e))
+                continue
+            if chunk:
+                got[s] += chunk
+            else:
+                done(s, None)
+    for key in list(sel.get_map().values()):
+        done(key.fileobj, "no answer")  # type: ignore[arg-type]
+    return sorted(took), failed
+
+
+def pct(xs: List[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(round(p / 100.0 * (len(xs) - 1))))]
+
+
+def resets_sent(port: int, ns: Netns) -> float:
+    return sample(scrape(port), "rsttrace_tcp_resets_sent_total", sent_labels(ns))
+
+
+def test_idle_flood_then_concurrent_scrapes(exporter: LimitedExporter, ns: Netns) -> None:
+    pid = exporter.proc.pid
+    serving = exporter.logged("serving")
+    assert serving and serving[0]["max_connections"] == NOFILE // 4
+    limit = NOFILE // 4
+    threads0, fds0 = proc_status(pid, "Threads"), fd_count(pid)
+    sent0, kernel0 = resets_sent(exporter.port, ns), ns.counters()
+    closed = closed_port(socket.AF_INET, "127.0.0.1")
+    with ns.inside():
+        connect_refused(socket.AF_INET, "127.0.0.1", closed, 20)
+
+    started = time.monotonic()
+    idle = open_idle(exporter.port, IDLE_CONNECTIONS)
+    max_threads, max_fds = 0, 0
+    try:
+        # Under the flood: bounded threads and descriptors, counting goes on.
+        for _ in range(10):
+            with ns.inside():
+                connect_refused(socket.AF_INET, "127.0.0.1", closed, 3)
+            max_threads = max(max_threads, proc_status(pid, "Threads"))
+            max_fds = max(max_fds, fd_count(pid))
+            time.sleep(0.1)
+        # 200 scrapes at once while the 1,000 idle connections are still held by the client.
+        during, failed = concurrent_scrapes(exporter.port, SCRAPES)
+        assert not failed, failed[:5]
+        max_threads = max(max_threads, proc_status(pid, "Threads"))
+        max_fds = max(max_fds, fd_count(pid))
+        # Every idle connection is accepted and then closed by the server: evicted to admit
+        # others, or at the idle timeout.
+        assert wait_for(lambda: all(closed_by_server(s) for s in idle), timeout=IDLE_TIMEOUT + 10), \
+            "%d idle connections still open after %.0fs" % (
+                sum(not closed_by_server(s) for s in idle), time.monotonic() - started)
+        drained = time.monotonic() - started
+    finally:
+        for s in idle:
+            s.close()
+
+    with ns.inside():
+        connect_refused(socket.AF_INET, "127.0.0.1", closed, 7)
+    after, failed = concurrent_scrapes(exporter.port, SCRAPES)
+    assert not failed, failed[:5]
+    assert exporter.proc.poll() is None, "exporter died"
+    assert exporter.healthy()
+    sent1, kernel1 = resets_sent(exporter.port, ns), ns.counters()
+    made = delta(kernel0, kernel1, "Tcp", "OutRsts")
+    assert made == 20 + 30 + 7
+    assert sent1 - sent0 == made  # exact, flood or not
+
+    print("\nresilience: limit %d, baseline %d threads %d fds; under 1,000 idle connections at most %d threads "
+          "%d fds; all idle ones closed by the server after %.1fs" % (limit, threads0, fds0, max_threads, max_fds,
+                                                                     drained))
+    for name, xs in (("during the flood", during), ("after", after)):
+        print("resilience: %d scrapes %s: p50 %.3fs p99 %.3fs max %.3fs" % (SCRAPES, name, pct(xs, 50),
+                                                                            pct(xs, 99), xs[-1]))
+    assert during[-1] < 2.0 and after[-1] < 2.0, (during[-5:], after[-5:])
+    assert max_threads <= threads0 + 1, (threads0, max_threads)  # a fixed pool: no thread per connection
+    assert max_fds <= fds0 + limit + 2, (fds0, max_fds)
+    assert "Traceback" not in exporter.stderr()
+
+
+def slow_client(port: int, first: bytes, drip: Optional[bytes], out: Dict[str, float], key: str) -> None:
+    """Sends ``first``, then ``drip`` every second (if any) until the server closes; records when."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    t0 = time.monotonic()
+    try:
+        if first:
+            s.sendall(first)
+        while time.monotonic() - t0 < IDLE_TIMEOUT + 15:
+            r, _, _ = select.select([s], [], [], 1.0)
+            if r:
+                try:
+                    if s.recv(4096) == b"":
+                        break
+                except OSError:
+                    break
+                continue
+            if drip:
+                try:
+                    s.sendall(drip)
+                except OSError:
+                    break
+        out[key] = time.monotonic() - t0
+    finally:
+        s.close()
+
+
+def test_slow_and_idle_clients_are_cut_off(exporter: LimitedExporter) -> None:
+    pid = exporter.proc.pid
+    threads0 = proc_status(pid, "Threads")
+    took: Dict[str, float] = {}
+    clients = {
+        # headers that never end: one more header line a second (each byte resets an idle timer)
+        "slow_header": (b"GET /metrics HTTP/1.1\r\nHost: x\r\n", b"X-Slow: 1\r\n"),
+        # a body announced and sent a byte a second
+        "slow_body": (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n", b"x"),
+        "idle": (b"", None),
+    }
+    threads = [threading.Thread(target=slow_client, args=(exporter.port, first, drip, took, key))
+               for key, (first, drip) in clients.items()]
+    for t in threads:
+        t.start()
+    max_threads = threads0
+    while any(t.is_alive() for t in threads):
+        max_threads = max(max_threads, proc_status(pid, "Threads"))
+        time.sleep(0.5)
+    print("\nresilience: cut off after %s (request deadline %ds, idle timeout %ds); threads %d -> at most %d" % (
+        ", ".join("%s %.1fs" % kv for kv in sorted(took.items())), REQUEST_TIMEOUT, IDLE_TIMEOUT, threads0,
+        max_threads))
+    assert set(took) == set(clients)
+    for key in ("slow_header", "slow_body"):
+        assert REQUEST_TIMEOUT - 1 <= took[key] <= REQUEST_TIMEOUT + 3, took
+    assert IDLE_TIMEOUT - 1 <= took["idle"] <= IDLE_TIMEOUT + 3, took
+    assert max_threads <= threads0 + 1
+    assert exporter.healthy()

@@ -563,7 +563,23 @@ COMMANDS = {"trace": cmd_trace, "summary": cmd_summary, "reasons": cmd_reasons, 
             "export": cmd_export}
 
 
+def _standard_streams() -> None:
+    """A closed fd 0, 1 or 2 (`rsttrace trace >&-`) gets /dev/null in its place, so that nothing
+    rsttrace opens later (a BPF map, bcc's output capture) takes that number; a closed stdout
+    is then a usage error rather than a traceback."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    if sys.stderr is None:  # Python found fd 2 closed at start
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    if sys.stdout is None:
+        fail("standard output is closed: give rsttrace somewhere to write (a file, a pipe or /dev/null)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _standard_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -306,3 +306,18 @@ def test_as_a_user_runs_it(argv: List[str], msg: str) -> None:
     p = subprocess.run([sys.executable, "-m", "rsttrace", *argv], capture_output=True, text=True, cwd="/")
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("rsttrace: error: ") and msg in p.stderr, p.stderr
+
+
+def test_closed_stdout_is_one_line_not_a_traceback() -> None:
+    """`rsttrace reasons >&-`: Python leaves sys.stdout None; every write would be a traceback."""
+    p = subprocess.run([sys.executable, "-m", "rsttrace", "reasons"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert p.returncode == 2
+    assert p.stderr == "rsttrace: error: standard output is closed: give rsttrace somewhere to write (a file, " \
+                       "a pipe or /dev/null)\n"
+
+
+def test_closed_stderr_still_exits_2() -> None:
+    p = subprocess.run([sys.executable, "-m", "rsttrace", "trace", "--count", "0"], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True, preexec_fn=lambda: os.close(2))
+    assert p.returncode == 2 and p.stdout == ""

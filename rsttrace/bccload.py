@@ -187,6 +187,31 @@ def _safe_dir(path: str) -> None:
     _refuse_unsafe(path, st)
 
 
+def check_ancestors(path: str) -> None:
+    """The directories above the cache root, as ssh checks a key's: whoever may rename an entry
+    in one could swap the cache for their own tree. Sticky directories (/tmp) are fine."""
+    parent = os.path.dirname(os.path.abspath(path))
+    chain = []
+    while True:
+        chain.append(parent)
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    for d in reversed(chain):
+        try:
+            st = os.stat(d)
+        except FileNotFoundError:
+            return  # created below, by _safe_dir
+        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise CacheError("header cache: %s, above %s, is %s: whoever may write there could swap the cache "
+                             "for their own tree" % (d, path, "owned by uid %d" % st.st_uid
+                                                     if st.st_uid not in (0, os.geteuid())
+                                                     else "group- or world-writable (mode %04o)"
+                                                     % stat.S_IMODE(st.st_mode)),
+                             "set RSTTRACE_CACHE to a path whose every directory is root's")
+
+
 def check_tree(path: str) -> None:
     """Every directory under ``path``, and the marker, is root's (or ours) and not writable by others."""
     _refuse_unsafe(path, os.lstat(path))
@@ -221,6 +246,7 @@ def merged_headers(cache: str, common: str, arch: str) -> str:
     fix = ("make it writable by root, or set RSTTRACE_CACHE to a root-owned directory on a writable filesystem "
            "(in a container: an emptyDir)")
     try:
+        check_ancestors(cache)
         _safe_dir(cache)
         _safe_dir(os.path.dirname(merged))
         if os.path.lexists(merged):

@@ -238,3 +238,20 @@ def test_captured_output_restores_fds_when_the_body_fails(capfd: pytest.CaptureF
     os.write(1, b"out again\n")
     out, err = capfd.readouterr()
     assert out == "out again\n" and '"level": "warning"' in err and "no such file" in err
+
+
+def test_a_writable_directory_above_the_cache_is_refused(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever may rename entries above the cache root could swap the whole cache (a sticky
+    directory such as /tmp is fine); the fix is another RSTTRACE_CACHE, never removing the parent."""
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    src, _cache = merged_tree(tmp_path)
+    above = os.path.join(tmp_path, "shared")
+    os.mkdir(above)
+    os.chmod(above, 0o777)
+    with pytest.raises(bccload.CacheError) as e:
+        headers(src, os.path.join(above, "cache"), tmp_path)
+    assert str(e.value).startswith("header cache: %s, above %s/cache, is group- or world-writable (mode 0777)"
+                                   % (above, above))
+    assert e.value.fix == "set RSTTRACE_CACHE to a path whose every directory is root's"
+    os.chmod(above, 0o1777)  # sticky: entries can be renamed only by their owner
+    assert headers(src, os.path.join(above, "cache"), tmp_path).startswith(above)

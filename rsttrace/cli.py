@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_filters(t)
     t.add_argument("--reason", action="append", metavar="NAME",
-                   help="only these reason names (comma list, case-insensitive): the kernel's and rsttrace's own, "
-                        "as `rsttrace reasons` lists them")
+                   help="only these reason names (comma list, case-insensitive): the running kernel's and "
+                        "rsttrace's own; an unknown one is refused with the list (explained: `rsttrace reasons`)")
     t.add_argument("--port", action="append", metavar="PORT", help="local or remote port, 1 to 65535 (comma list)")
     t.add_argument("--addr", action="append", metavar="CIDR", help="local or remote address or network")
     t.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -53,7 +53,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if message.endswith("expected one argument"):  # "--count -1": -1 reads as an option (there is -4)
-            message += ", and a value starting with - must be written --flag=VALUE"
+            message += " (a value that starts with - is written --flag=VALUE)"
         fail("%s (see `%s --help`)" % (message, self.prog))
 
 

@@ -97,7 +97,7 @@ PARSE_LEVEL: List[Tuple[List[str], str]] = [
     # --netns: a 32-bit inode in ASCII digits, or net:[N]
     (["trace", "--netns", "0"], "'0' is not a netns inode: a number from 1 to 4294967295"),
     (["trace", "--netns=-5"], "is not a netns inode"),
-    (["trace", "--netns", "-5"], "expected one argument, and a value starting with - must be written --flag=VALUE"),
+    (["trace", "--netns", "-5"], "expected one argument (a value that starts with - is written --flag=VALUE)"),
     (["trace", "--netns", "net:[-5]"], "is not a netns inode"),
     (["trace", "--netns", "net:[]"], "is not a netns inode"),
     (["trace", "--netns", BIG], "is not a netns inode"),

@@ -533,7 +533,7 @@ def apt_packages() -> List[str]:
 
 def test_containerfile_statically() -> None:
     steps = containerfile()
-    assert steps[0] == ("FROM", "debian:bookworm-slim")
+    assert steps[:2] == [("ARG", "BASE=debian:bookworm-slim"), ("FROM", "${BASE}")]  # deploy/image/build passes BASE
     pkgs = apt_packages()
     assert install_packages() <= set(pkgs), "the image lacks packages scripts/install installs"
     assert "linux-headers-$(dpkg --print-architecture)" in pkgs

@@ -269,13 +269,18 @@ class Pod:
         subprocess.run(["podman", "rm", "--force", "--time", "10", self.name], capture_output=True, timeout=60)
 
 
+def image_exists(image: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", image], capture_output=True).returncode == 0
+
+
 class Workload:
-    """Another container (the same local base), in its own network namespace."""
+    """Another container, in its own network namespace: the local base deploy/image/build made,
+    or (built with --base) the rsttrace image itself, running bash and sleep."""
 
     def __init__(self) -> None:
         self.name = "rsttrace-load-" + uuid.uuid4().hex[:8]
-        self.id = podman("run", "--detach", "--name", self.name, "--network", "none", *engine_options(),
-                         BASE, "sleep", "600")
+        run = [BASE, "sleep", "600"] if image_exists(BASE) else ["--entrypoint", "sleep", IMAGE, "600"]
+        self.id = podman("run", "--detach", "--name", self.name, "--network", "none", *engine_options(), *run)
         self.pid = container_pid(self.name)
         self.netns = os.stat("/proc/%d/ns/net" % self.pid).st_ino
 
@@ -295,9 +300,8 @@ def require_image() -> None:
     require_real_kernel()
     if shutil.which("podman") is None:
         missing("podman is not installed (scripts/install --test installs it)")
-    for image in (IMAGE, BASE):
-        if subprocess.run(["podman", "image", "exists", image], capture_output=True).returncode != 0:
-            missing("no image %s: build it with `sudo deploy/image/build`" % image)
+    if not image_exists(IMAGE):
+        missing("no image %s: build it with `sudo deploy/image/build`" % IMAGE)
 
 
 @pytest.fixture(scope="module")

@@ -299,3 +299,86 @@ def test_slow_and_idle_clients_are_cut_off(exporter: LimitedExporter) -> None:
     assert IDLE_TIMEOUT - 1 <= took["idle"] <= IDLE_TIMEOUT + 3, took
     assert max_threads <= threads0 + 1
     assert exporter.healthy()
+
+
+class Starved:
+    """What one exporter did while it had no free descriptor (its soft RLIMIT_NOFILE lowered to
+    its lowest free fd number with prlimit(2), as if something had taken them all)."""
+
+    def __init__(self, exporter: LimitedExporter, ns: Netns) -> None:
+        pid = exporter.proc.pid
+        self.lines_before = len(exporter.lines)
+        self.made_before, self.sent_before = ns.counters(), self.all_no_socket(exporter.port)
+        self.labelled_before = resets_sent(exporter.port, ns)
+        closed = closed_port(socket.AF_INET, "127.0.0.1")
+        fds = {int(f) for f in os.listdir("/proc/%d/fd" % pid)}
+        lowest_free = next(i for i in range(NOFILE) if i not in fds)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, NOFILE))
+        try:
+            self.scrape_error: Optional[str] = None
+            try:
+                scrape_once(exporter.port, timeout=3.0)
+            except OSError as e:
+                self.scrape_error = type(e).__name__
+            with ns.inside():
+                connect_refused(socket.AF_INET, "127.0.0.1", closed, 10)
+            time.sleep(2.0)  # a few event-loop and overflow-poller rounds without descriptors
+            self.alive_starved = exporter.proc.poll() is None
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        self.recovered = wait_for(exporter.healthy, timeout=10)
+        self.made = delta(self.made_before, ns.counters(), "Tcp", "OutRsts")
+        self.sent = self.all_no_socket(exporter.port) - self.sent_before
+        self.labelled = resets_sent(exporter.port, ns) - self.labelled_before
+        self.rc = -1
+        self.stderr = ""
+
+    @staticmethod
+    def all_no_socket(port: int) -> float:
+        """NO_SOCKET resets sent, whatever their namespace label."""
+        return sum(float(ln.rpartition(" ")[2]) for ln in scrape(port).splitlines()
+                   if ln.startswith("rsttrace_tcp_resets_sent_total{") and 'reason="NO_SOCKET"' in ln)
+
+
+def scrape_once(port: int, timeout: float) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        return s.recv(65536).decode()
+
+
+@pytest.fixture(scope="module")
+def starved() -> Iterator[Starved]:
+    """Its own exporter: what it logs is judged here, not by the shared fixture's teardown."""
+    require_real_kernel()
+    e = LimitedExporter()
+    n = Netns()
+    try:
+        st = Starved(e, n)
+    finally:
+        n.delete()
+        st_rc = e.stop()
+    st.rc = st_rc
+    st.stderr = "".join(e.lines[st.lines_before:])
+    yield st
+
+
+def test_out_of_descriptors_scrapes_fail_first_and_counting_goes_on(starved: Starved) -> None:
+    http_lines = [ln for ln in starved.stderr.splitlines() if "cannot accept" in ln]
+    print("\nresilience: no free descriptor: scrape %s; %d resets made, %d counted (%d under their "
+          "namespace's label); %d http log line(s)" % (starved.scrape_error, starved.made, starved.sent,
+                                                       starved.labelled, len(http_lines)))
+    assert starved.scrape_error is not None  # the scrape fails (waits in the backlog, then times out)
+    assert starved.alive_starved and starved.recovered  # the process lives and serves again
+    assert starved.made == 10
+    assert starved.sent >= starved.made  # the kernel side counted every one (labels aside)
+    assert len(http_lines) == 1, http_lines  # one line, however many accepts failed
+    assert starved.rc == 0  # and it stops cleanly afterwards
+    http_side = [ln for ln in starved.stderr.splitlines() if "httpserve" in ln or "waitress" in ln]
+    assert not http_side, http_side[:5]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: rsttrace/netns.py's namespace-read thread dies with a traceback on "
+                                       "EMFILE and those resets lose their netns label (netns.py/session.py)")
+def test_out_of_descriptors_nothing_else_breaks(starved: Starved) -> None:
+    assert "Traceback" not in starved.stderr, starved.stderr[-2000:]
+    assert starved.labelled == starved.made

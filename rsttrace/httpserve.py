@@ -294,7 +294,6 @@ class HttpServer:
                 time.sleep(0.5)
 
     def close(self) -> None:
-        self.stopping = True
         srv = self.server
         if srv is None:
             self.sock.close()
@@ -303,9 +302,12 @@ class HttpServer:
         try:
             srv.trigger.pull_trigger(lambda: wasyncore.close_all(m))  # closed by the I/O thread itself
         except OSError:
-            wasyncore.close_all(m)
+            pass
         if self.thread is not None:
-            self.thread.join(timeout=5)
+            self.thread.join(timeout=5)  # the loop ends when its map is empty
+        self.stopping = True
+        if m:  # the thread was stuck, or the trigger never ran: close from here
+            wasyncore.close_all(m, ignore_all=True)
         srv.task_dispatcher.shutdown(timeout=5)
 
 

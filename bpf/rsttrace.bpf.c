@@ -147,26 +147,50 @@ static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 
 /* --- reading kernel memory at BTF-derived offsets ------------------------------------- */
 
-static __always_inline u32 net_inum(const void *net)
+/*
+ * A namespace's inode (what users see: `lsns`, /proc/PID/ns/net) and its generation: an id the
+ * kernel never hands out twice (ns_common.ns_id, 6.18+, which sits right after inum so one read
+ * takes both; else net->net_cookie, 5.12+; else 0). The kernel gives a freed namespace's inode
+ * to the next one at once, so counters are keyed by both: a new pod never inherits a dead one's
+ * counts, and user space retires every generation below the newest of an inode.
+ */
+static __always_inline void net_ident(const void *net, struct rsttrace_event *e)
 {
-	u32 inum = 0;
 #if OFF_NET_INUM >= 0
-	if (net)
-		bpf_probe_read_kernel(&inum, sizeof(inum), (const char *)net + OFF_NET_INUM);
+	if (!net)
+		return;
+#if OFF_NET_NS_ID >= 0 && OFF_NET_NS_ID > OFF_NET_INUM && OFF_NET_NS_ID - OFF_NET_INUM <= 8
+	{
+		u8 b[16];
+		u64 id = 0;
+		bpf_probe_read_kernel(b, sizeof(b), (const char *)net + OFF_NET_INUM);
+		__builtin_memcpy(&e->netns, b, 4);
+		__builtin_memcpy(&id, b + (OFF_NET_NS_ID - OFF_NET_INUM), 8);
+		e->netns_gen = (u32)id;
+	}
+#else
+	bpf_probe_read_kernel(&e->netns, sizeof(e->netns), (const char *)net + OFF_NET_INUM);
+#if OFF_NET_COOKIE >= 0
+	{
+		u64 cookie = 0;
+		bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)net + OFF_NET_COOKIE);
+		e->netns_gen = (u32)cookie;
+	}
 #endif
-	return inum;
+#endif
+#endif
 }
 
-static __always_inline u32 sk_netns(const void *sk)
+static __always_inline void sk_netns(const void *sk, struct rsttrace_event *e)
 {
 	const void *net = 0;
 #if OFF_SK_NET >= 0
 	bpf_probe_read_kernel(&net, sizeof(net), (const char *)sk + OFF_SK_NET);
 #endif
-	return net_inum(net);
+	net_ident(net, e);
 }
 
-static __always_inline u32 skb_dev_netns(const void *skb)
+static __always_inline void skb_dev_netns(const void *skb, struct rsttrace_event *e)
 {
 	const void *dev = 0, *net = 0;
 #if OFF_SKB_DEV >= 0 && OFF_DEV_NET >= 0
@@ -174,7 +198,7 @@ static __always_inline u32 skb_dev_netns(const void *skb)
 	if (dev)
 		bpf_probe_read_kernel(&net, sizeof(net), (const char *)dev + OFF_DEV_NET);
 #endif
-	return net_inum(net);
+	net_ident(net, e);
 }
 
 static __always_inline u8 sk_state(const void *sk)
@@ -339,6 +363,7 @@ static __always_inline void from_sockaddr(const u8 *sa, u8 *addr, u16 *port, u16
 static __always_inline void counter_key(const struct rsttrace_event *e, struct rsttrace_counter_key *key)
 {
 	key->netns = e->netns;
+	key->netns_gen = e->netns_gen;
 	key->reason = e->reason;
 	key->kind = e->kind;
 	key->state = e->state;
@@ -481,7 +506,7 @@ static __always_inline void skc_head(const void *sk, struct rsttrace_skc *c, str
 	SKC_GET(c, OFF_SK_NET, net);
 	e->family = family;
 	e->state = state;
-	e->netns = net_inum(net);
+	net_ident(net, e);
 }
 
 /* A full socket's own 4-tuple, as the tracepoints store it (TP_STORE_ADDR_PORTS). */
@@ -594,7 +619,7 @@ int rsttrace_send_reset(struct bpf_raw_tracepoint_args *ctx)
 		skc_head(sk, &c, &e);
 	} else if (skb) {
 		e.family = skb_family(skb);
-		e.netns = skb_dev_netns(skb);
+		skb_dev_netns(skb, &e);
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
 	fullsock = sent_fullsock(sk, &e);
@@ -648,9 +673,9 @@ int rsttrace_send_reset(struct rsttrace_tp_send_reset *args)
 		e.family = sk_family(sk);
 #endif
 	if (sk) {
-		e.netns = sk_netns(sk);
+		sk_netns(sk, &e);
 	} else if (skb) {
-		e.netns = skb_dev_netns(skb);
+		skb_dev_netns(skb, &e);
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
 	sent_key_owner(sk, fullsock, &e);
@@ -719,7 +744,7 @@ int rsttrace_receive_reset(struct rsttrace_tp_receive_reset *args)
 #endif
 	if (sk) {
 		e.state = sk_state(sk);
-		e.netns = sk_netns(sk);
+		sk_netns(sk, &e);
 	}
 	count_event(&e);
 	rx_remember(sk, &e);
@@ -761,10 +786,10 @@ static __always_inline int listen_overflow(void *ctx, const void *sk, const void
 	e.flags = flags;
 	if (sk) {
 		e.state = sk_state(sk);
-		e.netns = sk_netns(sk);
+		sk_netns(sk, &e);
 		sk_local(sk, &e); /* the listener's port: part of the key */
 	} else {
-		e.netns = skb_dev_netns(skb);
+		skb_dev_netns(skb, &e);
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
 	count_event(&e);
@@ -815,7 +840,7 @@ static __always_inline int listener_drop(void *ctx, const void *sk, const void *
 	e.reason = RSTTRACE_REASON_NONE;
 	e.flags = RSTTRACE_F_REQUEST_SOCK;
 	e.state = RSTTRACE_TCP_SYN_RECV; /* the request's state; the socket passed is its listener */
-	e.netns = sk_netns(sk);
+	sk_netns(sk, &e);
 	count_event(&e);
 	if (!admit(&e))
 		return 0;
@@ -892,10 +917,10 @@ static __always_inline int kp_send_reset(struct pt_regs *ctx)
 	e.flags = RSTTRACE_F_KPROBE;
 	skb_tuple(skb, &e); /* the packet came in: its source is the remote side */
 	if (sk) {
-		e.netns = sk_netns(sk);
+		sk_netns(sk, &e);
 		e.cookie = sk_cookie(sk);
 	} else {
-		e.netns = skb_dev_netns(skb);
+		skb_dev_netns(skb, &e);
 		e.flags |= RSTTRACE_F_NETNS_FROM_DEV;
 	}
 	count_event(&e);
@@ -944,7 +969,7 @@ static __always_inline int kp_overflow(struct pt_regs *ctx, const void *sk, cons
 	e.reason = RSTTRACE_REASON_NONE;
 	e.flags = RSTTRACE_F_KPROBE;
 	e.state = sk_state(sk);
-	e.netns = sk_netns(sk);
+	sk_netns(sk, &e);
 	sk_local(sk, &e);
 	peer_from_packet(skb, &e);
 	count_event(&e);

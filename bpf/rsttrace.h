@@ -59,13 +59,14 @@ struct rsttrace_event {
 	__u32 reason;      /* raw enum value (sk_rst_reason or skb_drop_reason), or RSTTRACE_REASON_NONE */
 	__u32 backlog;     /* listener's accept queue length (listen overflows) */
 	__u32 max_backlog; /* listener's accept queue limit (listen overflows) */
+	__u32 netns_gen;   /* the namespace's never-reused id, low 32 bits (ns_id or net_cookie), 0 if none */
 	__u16 kind;        /* enum rsttrace_kind */
 	__u16 family;      /* RSTTRACE_AF_INET / RSTTRACE_AF_INET6, 0 when unknown */
 	__u16 lport;       /* host byte order, local side as seen from this host */
 	__u16 rport;       /* host byte order, remote side */
 	__u8 state;        /* raw TCP state, 0 when there was no socket */
 	__u8 flags;        /* enum rsttrace_flags */
-	__u8 pad[2];
+	__u8 pad[6];
 	__u8 laddr[16];    /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[16];     /* valid only with RSTTRACE_F_PROCESS */
@@ -74,6 +75,7 @@ struct rsttrace_event {
 /* Key of the exact in-kernel counters (a per-CPU hash: no atomics, no loss under load). */
 struct rsttrace_counter_key {
 	__u32 netns;
+	__u32 netns_gen; /* see rsttrace_event: a reused inode is a new key */
 	__u32 reason; /* raw, or RSTTRACE_REASON_NONE */
 	__u16 kind;
 	__u16 port;   /* listening port for listen overflows, 0 otherwise (bounded cardinality) */

@@ -52,13 +52,14 @@ class RawEvent(ctypes.Structure):
         ("reason", ctypes.c_uint32),
         ("backlog", ctypes.c_uint32),
         ("max_backlog", ctypes.c_uint32),
+        ("netns_gen", ctypes.c_uint32),
         ("kind", ctypes.c_uint16),
         ("family", ctypes.c_uint16),
         ("lport", ctypes.c_uint16),
         ("rport", ctypes.c_uint16),
         ("state", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 2),
+        ("pad", ctypes.c_uint8 * 6),
         ("laddr", ctypes.c_uint8 * 16),
         ("raddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
@@ -68,6 +69,7 @@ class RawEvent(ctypes.Structure):
 class CounterKey(ctypes.Structure):
     _fields_ = [
         ("netns", ctypes.c_uint32),
+        ("netns_gen", ctypes.c_uint32),
         ("reason", ctypes.c_uint32),
         ("kind", ctypes.c_uint16),
         ("port", ctypes.c_uint16),

@@ -182,7 +182,7 @@ def _struct_of(record: Any) -> Tuple[struct.Struct, Tuple[str, ...]]:
 # One unpack of the whole record instead of 20 ctypes attribute reads.
 RAW, _RAW_FIELDS = _struct_of(c.RawEvent)
 RAW_SIZE = RAW.size
-_UNPACKED = ("ktime_ns", "cookie", "cgroup_id", "netns", "pid", "reason", "backlog", "max_backlog", "kind",
+_UNPACKED = ("ktime_ns", "cookie", "cgroup_id", "netns", "pid", "reason", "backlog", "max_backlog", "netns_gen", "kind",
              "family", "lport", "rport", "state", "flags", "laddr", "raddr", "comm")  # Decoder.decode's order
 if _RAW_FIELDS != _UNPACKED or ctypes.sizeof(c.RawEvent) != RAW_SIZE:  # not an assert: -O must not skip it
     raise ImportError("contract.RawEvent changed: update Decoder.decode's unpacking (%s)" % ", ".join(_RAW_FIELDS))
@@ -219,7 +219,7 @@ class Decoder:
         return names
 
     def decode(self, data: bytes) -> Event:
-        (ktime_ns, cookie, cgroup_id, netns, pid, reason, backlog, max_backlog, kind_raw, family, lport,
+        (ktime_ns, cookie, cgroup_id, netns, pid, reason, backlog, max_backlog, _gen, kind_raw, family, lport,
          rport, state_raw, flags, laddr, raddr, comm) = RAW.unpack_from(data)
         names = self._names.get((kind_raw, reason, state_raw, flags))
         if names is None:

@@ -22,6 +22,8 @@ from .tracefs import EventFormat, Tracefs
 OFFSETS: Dict[str, Tuple[Tuple[str, ...], int]] = {
     "OFF_SK_NET": (("sock.__sk_common.skc_net.net",), 8),
     "OFF_NET_INUM": (("net.ns.inum",), 4),
+    "OFF_NET_NS_ID": (("net.ns.ns_id",), 8),
+    "OFF_NET_COOKIE": (("net.net_cookie",), 8),
     "OFF_SK_STATE": (("sock.__sk_common.skc_state",), 1),
     "OFF_SK_FAMILY": (("sock.__sk_common.skc_family",), 2),
     "OFF_SK_NUM": (("sock.__sk_common.skc_num",), 2),
@@ -50,6 +52,8 @@ OFFSETS: Dict[str, Tuple[Tuple[str, ...], int]] = {
 OFFSET_PURPOSE = {
     "OFF_SK_NET": "netns of events",
     "OFF_NET_INUM": "netns of events",
+    "OFF_NET_NS_ID": "telling a new namespace on a reused inode from the old one",
+    "OFF_NET_COOKIE": "telling a new namespace on a reused inode from the old one",
     "OFF_SK_STATE": "state of received resets",
     "OFF_SK_FAMILY": "family where the tracepoint lacks it",
     "OFF_SK_NUM": "listener port of overflows",
@@ -491,6 +495,8 @@ def gather(tracefs_root: Optional[str], btf_path: Optional[str] = "/sys/kernel/b
                     break
             else:
                 missing.append(macro)
+        if "OFF_NET_NS_ID" in facts.offsets or "OFF_NET_COOKIE" in facts.offsets:
+            missing = [m for m in missing if m not in ("OFF_NET_NS_ID", "OFF_NET_COOKIE")]  # one suffices
         degraded = sorted({OFFSET_PURPOSE[m] for m in missing})
         if degraded:
             facts.warnings.append("BTF lacks fields for: %s (left empty)" % ", ".join(degraded))

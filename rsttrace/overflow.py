@@ -171,6 +171,7 @@ class OverflowPoller:
                 # Another namespace has this inode now (the kernel recycles them): its cookie
                 # differs, or its counters went down, between two polls.
                 self._forget(ino)
+                self.traced_seen.pop(ino, None)  # its BPF counts are a new namespace's: from zero
                 self.gone.add(ino)
             if ino not in self.base:
                 if not self.polled:

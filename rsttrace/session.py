@@ -65,6 +65,7 @@ class Session:
             self.poller = OverflowPoller(facts.tcp_listen, self._traced, only_netns=options.netns,
                                          includes_ack=not ack_traced, clock=self.clock, proc_root=proc_root,
                                          overflows_traced=overflows_traced, tcp_syn_recv_state=syn_recv)
+        self._generations = "OFF_NET_NS_ID" in facts.offsets or "OFF_NET_COOKIE" in facts.offsets
         self._invalid_syn = next((v for v, n in facts.rst_reasons.items() if n == "INVALID_SYN"), None)
         self.delivered = 0
         self.last_loop = time.monotonic()
@@ -207,10 +208,11 @@ class Session:
         """Forget namespaces that are gone (called with the poller's view, under its lock).
 
         A namespace no poll found twice running, or whose inode now belongs to a new namespace
-        (the poller saw its cookie change or its counters go down), has its BPF counters
-        deleted and their counts folded into ``retired`` (netns None): totals never go down, the
-        map holds only live namespaces, and a reused inode starts from zero. Counts a new
-        namespace made on a reused inode before the poll that noticed it go with the old one.
+        (a newer generation in the BPF keys; the poller saw its cookie change or its counters go
+        down), has its BPF counters deleted and their counts folded into ``retired`` (netns
+        None): totals never go down, the map holds only live namespaces, and a reused inode
+        starts from zero. On kernels without namespace generations (before 5.12) the counts a
+        new namespace made on a reused inode before the poll that noticed it go with the old one.
         """
         if self.poller is None or not self.poller.polled:
             return
@@ -225,15 +227,19 @@ class Session:
             if ino in live or ino not in inodes:
                 self._missing.pop(ino, None)
         gone -= {0}
-        if not gone:
-            return
-        for key, n in self._name_counts(self.tracer.retire_netns(gone)).items():
+        # A reused inode that is alive: where the kernel has namespace generations, its old
+        # namespace's counts are an older generation, which retire_netns() always takes, and
+        # its own stay; without them (before 5.12) the inode's counts go, the new one's first
+        # moments with them.
+        dead = gone - live if self._generations else gone
+        for key, n in self._name_counts(self.tracer.retire_netns(dead)).items():
             k = CountKey(key.kind, key.reason, key.reason_source, key.state, key.family, None, key.port)
             self.retired[k] = self.retired.get(k, 0) + n
         for ino in gone:
             self._missing.pop(ino, None)
             # its BPF counts start again from zero: so does the poller's view of them
             self.poller.traced_seen.pop(ino, None)
+            # counter-derived totals are the poller's, which started the new namespace from zero
             for (kind, reason, port, state), n in self.poller.totals.retire(ino).items():
                 k = CountKey(kind, reason, "kernel", state, None, None, port)
                 self.retired[k] = self.retired.get(k, 0) + n

@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import codegen
 from . import contract as c
@@ -59,6 +59,9 @@ class Tracer:
     _callback: Optional[Callable[[bytes], None]] = None
     # Scrapes read the maps from HTTP threads while the main thread may be closing them.
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # inode -> {namespace generation: the read it was first seen in} (see _newest_generations)
+    _gen_order: Dict[int, Dict[int, int]] = field(default_factory=dict)
+    _reads: int = 0
 
     def __post_init__(self) -> None:
         self.ringbuf = self.facts.ringbuf and not self.options.force_perf
@@ -250,11 +253,15 @@ class Tracer:
         out: Dict[CounterTuple, int] = {}
         if self.bpf is None:
             return out
-        for k, v in self.bpf[b"counters"].items():
-            total = sum(int(x) for x in v)
+        items = [(k, sum(int(x) for x in v)) for k, v in self.bpf[b"counters"].items()]
+        newest = self._newest_generations(k for k, _n in items)
+        for k, total in items:
             reason = None if k.reason == c.REASON_NONE else int(k.reason)
+            # An older generation of an inode is a namespace that is gone (its inode went to a
+            # newer one): netns 0 until retire_stale() folds it away.
+            netns = int(k.netns) if int(k.netns_gen) == newest.get(int(k.netns), int(k.netns_gen)) else 0
             key: CounterTuple = (
-                int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port), int(k.flags)
+                int(k.kind), reason, int(k.state), int(k.family), netns, int(k.port), int(k.flags)
             )
             out[key] = out.get(key, 0) + total
         for k, v in self.bpf[b"counters_spill"].items():
@@ -264,20 +271,42 @@ class Tracer:
                 out[key] = out.get(key, 0) + total
         return out
 
+    def _newest_generations(self, keys: Iterable[Any]) -> Dict[int, int]:
+        """inode -> the newest namespace generation counted under it (under self._lock).
+
+        Generations are unique but not ordered (the kernel hands ns_id and net_cookie out in
+        per-CPU batches: seen here, two CPUs' ranges interleave), and an inode is only reused
+        once its namespace is freed: so the generation first seen last is the live one. Two new
+        generations of one inode within one read are ordered by value, a guess.
+        """
+        self._reads += 1
+        newest: Dict[int, Tuple[int, int]] = {}
+        for k in keys:
+            ino, gen = int(k.netns), int(k.netns_gen)
+            order = self._gen_order.setdefault(ino, {})
+            seen = order.setdefault(gen, self._reads)
+            if (seen, gen) > newest.get(ino, (-1, -1)):
+                newest[ino] = (seen, gen)
+        for ino in [i for i, o in self._gen_order.items() if not o]:
+            del self._gen_order[ino]
+        return {ino: gen for ino, (_seen, gen) in newest.items()}
+
     def retire_netns(self, inodes: Set[int]) -> Dict[CounterTuple, int]:
-        """Delete the counters of these namespaces (gone, or their inode handed to a new one) and
-        return what they held, so a caller can keep totals monotonic. The kernel reuses a freed
+        """Delete the counters of these namespaces (gone, or their inode handed to a new one), and
+        of every older generation of any inode, and return what they held, so a caller can keep
+        totals monotonic. The kernel reuses a freed
         namespace's inode number at once: without this a new pod would inherit a dead one's
         counts, and a node with pod churn would fill the map with history."""
         out: Dict[CounterTuple, int] = {}
-        if not inodes:
-            return out
         with self._lock:
             if self.bpf is None:
                 return out
             table = self.bpf[b"counters"]
-            for k, _v in list(table.items()):
-                if int(k.netns) not in inodes:
+            keys = [k for k, _v in table.items()]
+            newest = self._newest_generations(keys)
+            for k in keys:
+                stale = int(k.netns_gen) != newest.get(int(k.netns), int(k.netns_gen))
+                if int(k.netns) not in inodes and not stale:
                     continue
                 reason = None if k.reason == c.REASON_NONE else int(k.reason)
                 key: CounterTuple = (
@@ -289,6 +318,7 @@ class Tracer:
                     del table[k]
                 except KeyError:
                     continue
+                self._gen_order.get(int(k.netns), {}).pop(int(k.netns_gen), None)
                 out[key] = out.get(key, 0) + total
         return out
 

@@ -426,19 +426,19 @@ def cmd_reasons(args: argparse.Namespace) -> int:
     source = "tcp:tcp_send_reset format (enum sk_rst_reason)"
     for raw, name in sorted(facts.rst_reasons.items()):
         rows.append({"kind": "sent", "raw": raw, "name": name, "source": source})
-    if not facts.rst_reasons:
-        for name in ("NOT_SPECIFIED", "TCP_ABORT_ON_CLOSE", "INVALID_SYN"):
-            rows.append({"kind": "sent", "raw": None, "name": name, "source": "inferred (kernel < 6.10)"})
+    drop = "skb:kfree_skb format (enum skb_drop_reason)"
     if facts.listen_overflow_reason is not None:
         rows.append({"kind": "listen_overflow_ack", "raw": facts.listen_overflow_reason,
-                     "name": "TCP_LISTEN_OVERFLOW", "source": "skb:kfree_skb format (enum skb_drop_reason)"})
-    for name in ("ECONNREFUSED", "ECONNRESET", "EPIPE"):
-        rows.append({"kind": "received", "raw": None, "name": name, "source": "inferred from state (tcp_reset)"})
-    rows.append({"kind": "listen_overflow_syn", "raw": None, "name": "ListenOverflows", "source": "TcpExt counter"})
-    for name in ("TCPReqQFullDrop", "TCPReqQFullDoCookies"):
-        rows.append({"kind": "syn_queue_overflow", "raw": None, "name": name, "source": "TcpExt counter"})
+                     "name": "TCP_LISTEN_OVERFLOW", "source": drop})
+    if facts.kfree_rx_sk:
+        rows.append({"kind": "listen_overflow_ack", "raw": facts.drop_reason("NO_SOCKET"), "name": "NO_SOCKET",
+                     "source": drop + ", the SYN-cookie path (syncookie: true)", "by_kind": True})
+    # every name rsttrace itself gives, on this kernel (names.OWN_REASONS says which kinds)
+    for name, (kind, where) in names.own_reasons(facts).items():
+        rows.append({"kind": kind, "raw": None, "name": name, "source": where})
     for row in rows:
-        ex = explain(row["name"]) or explain("kind:" + row["kind"])
+        by_kind = row.pop("by_kind", False)  # a name that means something else for this kind
+        ex = (None if by_kind else explain(row["name"])) or explain("kind:" + row["kind"])
         row["cause"] = ex.cause if ex else ""
         row["check"] = ex.check if ex else ""
     if args.json:

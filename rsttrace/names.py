@@ -11,7 +11,7 @@ cannot filter on. Adding a counter-derived, errno or inferred name: add it to ``
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .kernel import KernelFacts
 
@@ -29,15 +29,31 @@ OWN_REASONS: Dict[str, str] = {
     "ECONNRESET": "received, errno by state",
     "EPIPE": "received, errno by state",
     # counter-derived (TcpExt in /proc/net/netstat): overflow.py; also a kprobe-seen overflow
-    "ListenOverflows": "listen_overflow_syn, TcpExt counter",
+    "ListenOverflows": "listen_overflow_syn, TcpExt counter (kprobe-seen overflows too)",
     "TCPReqQFullDrop": "syn_queue_overflow, TcpExt counter",
     "TCPReqQFullDoCookies": "syn_queue_overflow, TcpExt counter",
     "ListenDrops": "listen_drop, TcpExt counter (drops no other counter names)",
     "EmbryonicRsts": "received on a request socket (SYN_RECV): traced at kfree_skb, or the TcpExt counter",
 }
 
+
+def own_reasons(facts: KernelFacts) -> Dict[str, Tuple[str, str]]:
+    """The names rsttrace gives itself on this kernel: name -> (kind, where it comes from), as
+    `rsttrace reasons` lists them. Inferred sent reasons only where tcp_send_reset has none."""
+    out: Dict[str, Tuple[str, str]] = {}
+    for name, where in OWN_REASONS.items():
+        kind = where.split(",")[0].split()[0]
+        if kind == "sent" and facts.send_has_reason:
+            continue
+        if kind == "received" and name == "EmbryonicRsts":
+            where = ("received on a request socket: skb:kfree_skb (rx_sk)" if facts.kfree_rx_sk
+                     else "received on a request socket: TcpExt EmbryonicRsts minus INVALID_SYN resets")
+        out[name] = (kind, where)
+    return out
+
+
 # skb_drop_reason names the tracer reports (named from the kernel's kfree_skb table when it has them)
-KERNEL_DROP_REASONS = ("TCP_LISTEN_OVERFLOW",)
+KERNEL_DROP_REASONS = ("TCP_LISTEN_OVERFLOW", "NO_SOCKET")
 
 # what a number missing from the kernel's table prints as (KernelFacts.reason_name)
 UNKNOWN_RE = re.compile(r"UNKNOWN:[0-9]+", re.ASCII)

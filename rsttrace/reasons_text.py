@@ -190,6 +190,14 @@ _COUNTERS: dict[str, Explanation] = {
         "SYN queue full, SYN answered with a cookie: a flood is being absorbed, at the cost of TCP options",
         "dmesg 'Possible SYN flooding on port N. Sending cookies': attack, or an app too slow to accept?",
     ),
+    "ListenDrops": _e(
+        "SYN dropped, no overflow counter: syncookies off and SYN backlog 3/4 full (a flood), or no route back",
+        "ss -tn state syn-recv | wc -l; net.ipv4.tcp_syncookies=1; find the flood's sources (tcpdump SYNs)",
+    ),
+    "EmbryonicRsts": _e(
+        "RST hit a half-open connection (SYN_RECV): a scanner's kernel, or a spoofed SYN's real owner",
+        "By peer: many = SYN flood from spoofed sources; one = scanner (nmap -sS); nstat TcpExtEmbryonicRsts",
+    ),
 }
 
 # --- event kinds without a kernel reason ---------------------------------------------------------
@@ -205,6 +213,10 @@ _KINDS: dict[str, Explanation] = {
     KIND_PREFIX + "listen_overflow_ack": _e(
         "Final ACK dropped with the accept queue full: the client thinks it is connected, then times out",
         "nstat TcpExtListenOverflows TcpExtListenDrops; tcp_abort_on_overflow=1 turns these into RSTs",
+    ),
+    KIND_PREFIX + "listen_drop": _e(
+        "SYN dropped by a listener with no overflow counter (ListenDrops alone): a flood, syncookies off",
+        "sysctl net.ipv4.tcp_syncookies (1 absorbs floods); ss -tn state syn-recv; the port is on the event",
     ),
     KIND_PREFIX + "syn_queue_overflow": _e(
         "SYN queue of half-open requests full: SYN flood or slow handshakes; SYN cookies sent or SYN dropped",

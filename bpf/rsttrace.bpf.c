@@ -826,6 +826,9 @@ static __always_inline int listener_drop(void *ctx, const void *sk, const void *
 	if (sk_state(sk) != RSTTRACE_TCP_LISTEN)
 		return 0;
 	if (reason == DROP_REASON_NO_SOCKET) {
+#ifndef KFREE_COOKIE_OVERFLOW
+		return 0; /* the syn_recv_sock kprobe counts these already */
+#endif
 #if OFF_SK_ACK_BACKLOG >= 0 && OFF_SK_MAX_ACK_BACKLOG >= 0
 		bpf_probe_read_kernel(&backlog, sizeof(backlog), (const char *)sk + OFF_SK_ACK_BACKLOG);
 		bpf_probe_read_kernel(&max_backlog, sizeof(max_backlog), (const char *)sk + OFF_SK_MAX_ACK_BACKLOG);

@@ -430,7 +430,7 @@ def cmd_reasons(args: argparse.Namespace) -> int:
     if facts.listen_overflow_reason is not None:
         rows.append({"kind": "listen_overflow_ack", "raw": facts.listen_overflow_reason,
                      "name": "TCP_LISTEN_OVERFLOW", "source": drop})
-    if facts.kfree_rx_sk:
+    if facts.kfree_cookie_overflow:
         rows.append({"kind": "listen_overflow_ack", "raw": facts.drop_reason("NO_SOCKET"), "name": "NO_SOCKET",
                      "source": drop + ", the SYN-cookie path (syncookie: true)", "by_kind": True})
     # every name rsttrace itself gives, on this kernel (names.OWN_REASONS says which kinds)

@@ -172,6 +172,12 @@ class KernelFacts:
             self.drop_reason(n) is not None for n in ("NOT_SPECIFIED", "NO_SOCKET"))
 
     @property
+    def kfree_cookie_overflow(self) -> bool:
+        """Cookie-path final-ACK overflows at kfree_skb (NO_SOCKET, a listener with a full accept
+        queue), unless the syn_recv_sock kprobe already counts them (it sees the cookie path too)."""
+        return self.kfree_rx_sk and not self.kp_syn_recv
+
+    @property
     def kfree_skb_hook(self) -> bool:
         """Attach the kfree_skb program: it has something to see on this kernel."""
         return self.listen_overflow_reason is not None or self.kfree_rx_sk
@@ -248,7 +254,7 @@ class KernelFacts:
             out.append(Hook("received", "kernel counters TcpExt EmbryonicRsts (per netns, polled)", True,
                             "kfree_skb has no rx_sk (6.11+): RSTs that hit a request socket are EmbryonicRsts "
                             "minus the embryonic resets sent (INVALID_SYN); counter-derived"))
-        if self.kfree_rx_sk:
+        if self.kfree_cookie_overflow:
             out.append(Hook("listen_overflow_ack", "tracepoint skb:kfree_skb reason NO_SOCKET, rx_sk a listener "
                             "with a full accept queue", True, "final ACKs with a valid SYN cookie (syncookie: true)"))
         if self.listen_overflow_reason is not None:
@@ -314,6 +320,8 @@ class KernelFacts:
             m["KFREE_HAS_RX_SK"] = "1"
             m["DROP_REASON_NOT_SPECIFIED"] = str(self.drop_reason("NOT_SPECIFIED"))
             m["DROP_REASON_NO_SOCKET"] = str(self.drop_reason("NO_SOCKET"))
+            if self.kfree_cookie_overflow:
+                m["KFREE_COOKIE_OVERFLOW"] = "1"
         if self.kp_send_reset:
             m["HAVE_KP_SEND_RESET"] = "1"
         if self.kp_syn_recv:

@@ -20,10 +20,12 @@ STATES = ["TCP_ESTABLISHED", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "T
 def printable(facts: kernel.KernelFacts) -> Set[str]:
     """Every reason the decoder (events and counters) and the poller can produce on ``facts``."""
     out: Set[str] = set()
-    raws = {"sent": list(facts.rst_reasons) or [None],
-            "received": [None],
-            "listen_overflow_ack": ([facts.listen_overflow_reason] if facts.listen_overflow_reason is not None
-                                    else []) + ([facts.drop_reason("NO_SOCKET")] if facts.kfree_rx_sk else []) + [None],
+    ack: list = [None]  # type: ignore[type-arg]
+    if facts.listen_overflow_reason is not None:
+        ack.append(facts.listen_overflow_reason)
+    if facts.kfree_cookie_overflow:
+        ack.append(facts.drop_reason("NO_SOCKET"))
+    raws = {"sent": list(facts.rst_reasons) or [None], "received": [None], "listen_overflow_ack": ack,
             "listen_overflow_syn": [None]}
     for kind, values in raws.items():
         for raw in values:

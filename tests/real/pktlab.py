@@ -134,6 +134,22 @@ class Wire:
                 last = time.monotonic()
         return out
 
+    def listener(self, port: int, backlog: int) -> socket.socket:
+        """A kernel listener on the host side at HOST_ADDR:port."""
+        with nsmod.entered(self.host.path):
+            srv = socket.socket()
+        srv.bind((HOST_ADDR, port))
+        srv.listen(backlog)
+        return srv
+
+    def syn_acks(self, n: int, port: int, first_sport: int, isn: int) -> Dict[Tuple[str, int], Segment]:
+        """SYNs from n peers; the host's SYN-ACKs, by (peer address, peer port): all n answered."""
+        for i in range(n):
+            self.send(Segment(peer_addr(i), HOST_ADDR, first_sport + i, port, isn, 0, SYN))
+        got = syn_ack_of(self.receive(0.3))
+        assert len(got) == n, "the host answered %d of %d SYNs" % (len(got), n)
+        return got
+
     def close(self) -> None:
         self.sock.close()
         self.host.delete()

@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 import pytest
 from books import balance, settle_derived, snapshot
 from netlab import Netns, now_ns, pair, wait_for
-from pktlab import ACK, HOST_ADDR, RST, SYN, Segment, Wire, peer_addr, syn_ack_of
+from pktlab import ACK, HOST_ADDR, RST, SYN, Segment, Wire, peer_addr
 
 Ev = Dict[str, Any]
 
@@ -65,15 +65,9 @@ def test_rst_to_a_request_socket(tracing: Any, wire: Wire) -> None:
     socket (SYN_RECV), tcp_check_req() counts AttemptFails and EmbryonicRsts, no tcp_reset()."""
     host = wire.host
     before, start = snapshot(tracing, host), now_ns()
-    with host.inside():
-        srv = socket.socket()
-        srv.bind((HOST_ADDR, 8080))
-        srv.listen(16)
+    srv = wire.listener(8080, 16)
     n = 4
-    for i in range(n):
-        wire.send(Segment(peer_addr(i), HOST_ADDR, 41000 + i, 8080, 5000, 0, SYN))
-    synacks = syn_ack_of(wire.receive(0.3))
-    assert len(synacks) == n
+    synacks = wire.syn_acks(n, 8080, 41000, 5000)
     for (dst, dport), _sa in synacks.items():
         wire.send(Segment(dst, HOST_ADDR, dport, 8080, 5001, 0, RST))
     time.sleep(0.3)
@@ -107,10 +101,7 @@ def test_syn_flood(tracing: Any, wire: Wire, syncookies: int, backlog: int, expe
     host = wire.host
     host.sysctl("net.ipv4.tcp_syncookies", str(syncookies))
     host.sysctl("net.ipv4.tcp_max_syn_backlog", "16")
-    with host.inside():
-        srv = socket.socket()
-        srv.bind((HOST_ADDR, 8443))
-        srv.listen(backlog)
+    srv = wire.listener(8443, backlog)
     before, start = snapshot(tracing, host), now_ns()
     n = 600
     for i in range(n):
@@ -135,16 +126,10 @@ def test_final_ack_overflow_on_the_cookie_path(tracing: Any, wire: Wire) -> None
     beyond its room raises ListenOverflows on the ACK side (cookie_v4_check), not the SYN side."""
     host = wire.host
     host.sysctl("net.ipv4.tcp_syncookies", "2")  # every SYN gets a cookie, none a request socket
-    with host.inside():
-        srv = socket.socket()
-        srv.bind((HOST_ADDR, 8081))
-        srv.listen(1)  # sk_acceptq_is_full(): more than 1 queued
+    srv = wire.listener(8081, 1)  # sk_acceptq_is_full(): more than 1 queued
     before, start = snapshot(tracing, host), now_ns()
     n = 6
-    for i in range(n):
-        wire.send(Segment(peer_addr(i), HOST_ADDR, 42000 + i, 8081, 9000, 0, SYN))
-    synacks = syn_ack_of(wire.receive(0.3))
-    assert len(synacks) == n
+    synacks = wire.syn_acks(n, 8081, 42000, 9000)
     for (dst, dport), sa in synacks.items():
         wire.send(Segment(dst, HOST_ADDR, dport, 8081, 9001, sa.seq + 1, ACK))
     time.sleep(0.3)

@@ -14,6 +14,7 @@ SHORT_KIND = {
     "listen_overflow_syn": "OVFS",
     "listen_overflow_ack": "OVFA",
     "syn_queue_overflow": "SYNQ",
+    "listen_drop": "DROP",
 }
 
 HEADER = "%-8s %-4s %-20s %-11s %-37s %-10s %s" % (

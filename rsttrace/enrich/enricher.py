@@ -21,17 +21,15 @@ netns alone names the pod, not the container.  The rule, in order:
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import log as rlog
 from .cgroups import CgroupIdentity, find_cgroup2_root, walk_cgroup2
 from .kubelet import ContainerLog, PodDir, scan_containers_dir, scan_pods_dir
 from .procscan import ProcInNetns, scan_proc
-
-log = logging.getLogger(__name__)
 
 # Lower bound between two scans, so lookups of unknown ids (each of which
 # nudges the refresher) cannot make it scan back to back.
@@ -283,5 +281,5 @@ class Enricher:
             try:
                 self.refresh()
             except Exception:  # keep attributing from the last snapshot
-                log.exception("enrichment refresh failed")
+                rlog.get().exception("enrichment refresh failed")
             self._stopping.wait(min(_MIN_RESCAN_GAP, self.refresh_interval))

@@ -346,10 +346,16 @@ def test_attaches_and_serves_as_the_daemonset(pod: Pod) -> None:
     assert "rsttrace_kernel_tcp_out_rsts_total" in text
 
 
+def metric_sum(text: str, name: str, needle: str = "") -> float:
+    return sum(float(ln.rpartition(" ")[2]) for ln in text.splitlines()
+               if (ln.startswith(name + "{") or ln.startswith(name + " ")) and needle in ln)
+
+
 def test_counts_and_attributes_resets_of_other_containers(pod: Pod) -> None:
     loads = [Workload(), Workload()]
     try:
         time.sleep(3.0)  # the exporter's enricher rescans every 2 s: let it see the new containers
+        text0 = http_get(pod.pid, "/metrics")[1]
         made: Dict[int, int] = {}
         for i, w in enumerate(loads):
             before = w.out_rsts()
@@ -357,23 +363,47 @@ def test_counts_and_attributes_resets_of_other_containers(pod: Pod) -> None:
             made[w.netns] = w.out_rsts() - before
         assert list(made.values()) == [3, 4]
         time.sleep(1.5)  # event lines are written as the loop polls
+        status, text1 = http_get(pod.pid, "/metrics")
+        assert status == 200
+        # Counters count every reset; event lines are held to the log's budget (--log-rate, 20/s
+        # by default), which other resets on the machine share. When none was held back meanwhile
+        # the lines must match exactly; when some were, none may be invented.
+        held = sum(metric_sum(text1, m) - metric_sum(text0, m)
+                   for m in ("rsttrace_events_suppressed_total", "rsttrace_events_lost_total"))
+        counted = (metric_sum(text1, "rsttrace_tcp_resets_sent_total", 'reason="NO_SOCKET"')
+                   - metric_sum(text0, "rsttrace_tcp_resets_sent_total", 'reason="NO_SOCKET"'))
+        assert counted >= sum(made.values())
 
-        logs = pod.logs()
-        evs = [e for e in events(logs) if e.get("event") == "tcp_reset_event"]
+        evs = [e for e in events(pod.logs()) if e.get("event") == "tcp_reset_event"]
         for w in loads:
             sent = [e for e in evs if e["netns"] == w.netns and e["kind"] == "sent"]
-            assert len(sent) == made[w.netns], (w.name, sent)
+            print("\nimage: %s made %d resets, %d event lines (%d lines held back machine-wide meanwhile)"
+                  % (w.name, made[w.netns], len(sent), held))
+            if held == 0:
+                assert len(sent) == made[w.netns], (w.name, sent)
+            else:
+                assert 1 <= len(sent) <= made[w.netns], (w.name, sent)
             assert {e["reason"] for e in sent} == {"NO_SOCKET"}
             # attributed to that container by its id (podman's cgroup libpod-<id>), no pod
             assert {(e["container_id"], e["pod"]) for e in sent} == {(w.id, "")}, sent
-        status, text = http_get(pod.pid, "/metrics")
-        assert status == 200
-        total = sum(float(ln.rpartition(" ")[2]) for ln in text.splitlines()
-                    if ln.startswith("rsttrace_tcp_resets_sent_total{") and 'reason="NO_SOCKET"' in ln)
-        assert total >= sum(made.values())
     finally:
         for w in loads:
             w.remove()
+
+
+def attributed_resets(p: Pod) -> Tuple[Set[str], Set[str]]:
+    """Container ids of the sent and received resets a fresh workload makes (3 refused connects)."""
+    w = Workload()
+    try:
+        p.workload_id = w.id  # type: ignore[attr-defined]
+        time.sleep(3.0)  # the enricher's rescan
+        w.connect_closed(3)
+        time.sleep(1.5)
+        evs = [e for e in events(p.logs()) if e.get("event") == "tcp_reset_event" and e["netns"] == w.netns]
+        return ({e["container_id"] for e in evs if e["kind"] == "sent"},
+                {e["container_id"] for e in evs if e["kind"] == "received"})
+    finally:
+        w.remove()
 
 
 # What each capability's absence does (README, Kubernetes: Privileges).
@@ -401,6 +431,14 @@ def test_each_capability_dropped(cap: str) -> None:
         else:
             took = p.wait_healthy()
             print("\nimage without %s: healthy after %.1fs (degrades: %s)" % (cap, took, DEGRADES[cap]))
+            if cap == "SYS_PTRACE":
+                sent, received = attributed_resets(p)
+                # /host/proc/<pid>/ns/net is refused (ptrace read check: the workload's root has
+                # capabilities rsttrace lacks), so a reset found by namespace is not attributed;
+                # one found by its socket's cgroup still is.
+                # (subsets: event lines share the log's budget with the machine's other resets)
+                assert sent <= {""} and received <= {p.workload_id}, (sent, received)  # type: ignore[attr-defined]
+                assert sent or received
             assert "Traceback" not in p.logs()
     finally:
         p.remove()

@@ -18,6 +18,8 @@ reachable by a whole pod network needs, all in the I/O thread:
 - ``EMFILE``/``ENFILE`` (and ``ENOBUFS``/``ENOMEM``) on ``accept()`` logged as one line, then
   accepting pauses for a second instead of spinning; nothing the server meets logs a traceback,
   and an exception in the I/O loop restarts the loop;
+- concurrent identical scrapes share one collection begun after they all arrived
+  (:class:`Coalescer`), so a burst of scrapers costs a few collections, not one each;
 - the listening socket bound by :func:`bind` before anything else starts (the CLI binds before
   bcc's compile), with a backlog of ``BACKLOG`` for a fleet's scrapers, IPv6 in brackets (dual
   stack as the system's ``bindv6only`` says, as before: waitress alone would force v6-only).
@@ -33,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from waitress import wasyncore  # type: ignore[import-untyped]
 from waitress.adjustments import Adjustments  # type: ignore[import-untyped]
@@ -49,7 +51,7 @@ MAX_CONNECTIONS = 100  # waitress's default; lowered to a quarter of RLIMIT_NOFI
 BACKLOG = 1024  # listen(): above 128 for a fleet's scrapers; the kernel caps it at net.core.somaxconn
 IDLE_TIMEOUT = 15  # s: a connection with nothing to do is closed (Prometheus reconnects at its next scrape)
 REQUEST_TIMEOUT = 10  # s: from a request's first byte to its last, headers and body
-EVICT_IDLE_AFTER = 0.05  # s: at the limit, connections silent this long may be closed (a scraper sends at once)
+EVICT_IDLE_AFTER = 0.1  # s: at the limit, connections silent this long may be closed (a scraper sends at once)
 EVICT_PARTIAL_AFTER = 1.0  # s: at the limit, requests still being received after this may be dropped
 MAX_HEADER = 16384
 MAX_BODY = 65536  # only GET is served; nothing needs a body
@@ -333,10 +335,77 @@ class StartingApp:
         return [b"starting\n"]
 
 
+Answer = Tuple[str, List[Tuple[str, str]], bytes]
+
+
+class Coalescer:
+    """Concurrent scrapes share one collection that began after each of them arrived.
+
+    A burst of scrapers (a fleet, or the 200 at once of the resilience test) costs a few
+    collections instead of one each: the collector reads every BPF counter and /proc file under
+    its own lock anyway, so they would only queue, and the CPU they would take is the tracer's.
+    Freshness is as without it: a scrape never gets an answer collected before it arrived.
+    Only identical requests (query, Accept, Accept-Encoding) share an answer."""
+
+    def __init__(self, produce: Callable[[Dict[str, Any]], Answer]) -> None:
+        self.produce = produce
+        self.cond = threading.Condition()
+        self.started: Dict[Tuple[str, ...], int] = {}  # collections begun, per request kind
+        self.running: Set[Tuple[str, ...]] = set()
+        self.done: Dict[Tuple[str, ...], Tuple[int, Optional[Answer], Optional[BaseException]]] = {}
+
+    def __call__(self, environ: Dict[str, Any]) -> Answer:
+        key = tuple(str(environ.get(k, "")) for k in ("QUERY_STRING", "HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING"))
+        with self.cond:
+            # needed: a collection that starts from now on (one running began too early)
+            need = self.started.get(key, 0) + 1
+            while True:
+                gen, answer, error = self.done.get(key, (0, None, None))
+                if gen >= need:
+                    if error is not None:
+                        raise error
+                    assert answer is not None
+                    return answer
+                if key not in self.running:
+                    break
+                self.cond.wait()
+            if len(self.started) > 32:  # distinct queries are not a way to grow this without bound
+                for k in [k for k in self.started if k not in self.running and k != key]:
+                    self.started.pop(k, None)
+                    self.done.pop(k, None)
+            self.running.add(key)
+            gen = self.started[key] = self.started.get(key, 0) + 1
+        answer, error = None, None
+        try:
+            answer = self.produce(environ)
+        except Exception as e:
+            error = e
+        with self.cond:
+            self.running.discard(key)
+            self.done[key] = (gen, answer, error)
+            self.cond.notify_all()
+        if error is not None:
+            raise error
+        assert answer is not None
+        return answer
+
+
 def exporter_app(registry: Any, healthy: Callable[[], bool]) -> WSGIApp:
     from prometheus_client import make_wsgi_app
 
     metrics = make_wsgi_app(registry)
+
+    def produce(environ: Dict[str, Any]) -> Answer:
+        got: List[Any] = []
+
+        def keep(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+            got[:] = [status, headers]
+            return lambda _b: None
+
+        body = b"".join(metrics(environ, keep))
+        return got[0], got[1], body
+
+    shared = Coalescer(produce)
 
     def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -346,11 +415,13 @@ def exporter_app(registry: Any, healthy: Callable[[], bool]) -> WSGIApp:
             return [b"ok\n" if ok else b"not tracing\n"]
         if path in ("/metrics", "/"):
             try:
-                return list(metrics(environ, start_response))
+                status, headers, body = shared(environ)
             except Exception as e:  # e.g. EMFILE reading /proc: one line, a 503, no traceback
                 _once("scrape", "warning", "scrape failed", error="%s: %s" % (type(e).__name__, e))
                 start_response("503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info())
                 return [b"scrape failed, see the exporter's log\n"]
+            start_response(status, list(headers))
+            return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"see /metrics and /healthz\n"]
 

@@ -10,7 +10,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -97,3 +97,42 @@ def test_a_taken_port_is_one_line_and_exit_2_before_anything_else(capsys: pytest
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == "rsttrace: error: cannot listen on 127.0.0.1:%d: Address already in use\n" % port
+
+
+def test_concurrent_scrapes_share_collections_begun_after_they_arrived() -> None:
+    import threading
+
+    from rsttrace.httpserve import Coalescer
+
+    began: List[float] = []
+    gate = threading.Event()
+
+    def produce(environ: Dict[str, Any]) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        began.append(time.monotonic())
+        gate.wait(5)
+        return "200 OK", [], str(len(began)).encode()
+
+    shared = Coalescer(produce)
+    answers: Dict[int, bytes] = {}
+    arrived: Dict[int, float] = {}
+
+    def scrape(i: int) -> None:
+        arrived[i] = time.monotonic()
+        answers[i] = shared({"QUERY_STRING": ""})[2]
+
+    first = threading.Thread(target=scrape, args=(0,))
+    first.start()
+    while not began:
+        time.sleep(0.01)
+    rest = [threading.Thread(target=scrape, args=(i,)) for i in range(1, 50)]
+    for t in rest:
+        t.start()
+    time.sleep(0.2)  # all 49 wait: the running collection began before they arrived
+    gate.set()
+    for t in [first, *rest]:
+        t.join(10)
+    assert answers[0] == b"1" and {answers[i] for i in range(1, 50)} == {b"2"}
+    assert len(began) == 2  # 50 scrapes, 2 collections
+    assert all(began[1] >= arrived[i] for i in range(1, 50))  # none got older data than it asked for
+    # a different request is not served another's answer
+    assert shared({"QUERY_STRING": "name[]=x"})[2] == b"3"

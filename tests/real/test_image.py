@@ -385,7 +385,7 @@ def test_counts_and_attributes_resets_of_other_containers(pod: Pod) -> None:
                 assert 1 <= len(sent) <= made[w.netns], (w.name, sent)
             assert {e["reason"] for e in sent} == {"NO_SOCKET"}
             # attributed to that container by its id (podman's cgroup libpod-<id>), no pod
-            assert {(e["container_id"], e["pod"]) for e in sent} == {(w.id, "")}, sent
+            assert {(e.get("container_id"), e.get("pod", "")) for e in sent} == {(w.id, "")}, sent
     finally:
         for w in loads:
             w.remove()
@@ -400,8 +400,9 @@ def attributed_resets(p: Pod) -> Tuple[Set[str], Set[str]]:
         w.connect_closed(3)
         time.sleep(1.5)
         evs = [e for e in events(p.logs()) if e.get("event") == "tcp_reset_event" and e["netns"] == w.netns]
-        return ({e["container_id"] for e in evs if e["kind"] == "sent"},
-                {e["container_id"] for e in evs if e["kind"] == "received"})
+        # an unattributed event may carry empty pod keys or none
+        return ({e.get("container_id", "") for e in evs if e["kind"] == "sent"},
+                {e.get("container_id", "") for e in evs if e["kind"] == "received"})
     finally:
         w.remove()
 

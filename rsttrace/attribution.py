@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 from .enrich import Enricher, PodInfo
-from .events import Event
-
-POD_KEYS = ("namespace", "pod", "container", "container_id")
+from .events import Attribution, Event
 
 
 def pod_of(enricher: Enricher, cgroup_id: Optional[int], netns: Optional[int]) -> Optional[PodInfo]:
@@ -24,13 +22,14 @@ def pod_of(enricher: Enricher, cgroup_id: Optional[int], netns: Optional[int]) -
 
 
 def event_attributor(enricher: Enricher) -> Callable[[Event], None]:
+    """Sets ``ev.attribution`` when the owner's container (or the namespace's pod) is known; a host
+    process's event stays without it, so machines without containers print no empty pod keys."""
+
     def attribute(ev: Event) -> None:
         info = pod_of(enricher, ev.cgroup_id, ev.netns)
-        if info is None:
-            ev.extra.update(namespace="", pod="", container="", container_id="")
-        else:
-            ev.extra.update(namespace=info.namespace, pod=info.pod, container=info.container,
-                            container_id=info.container_id)
+        if info is not None:
+            ev.attribution = Attribution(namespace=info.namespace, pod=info.pod, container=info.container,
+                                         container_id=info.container_id)
 
     return attribute
 

@@ -9,76 +9,130 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 from . import contract as c
 from .kernel import KernelFacts
-
-FAMILY_NAMES = {c.AF_INET: "ipv4", c.AF_INET6: "ipv6"}
 
 # Received resets carry no reason; the kernel's own words for them are the errno tcp_reset()
 # hands the application, chosen by state (net/ipv4/tcp_input.c, tcp_reset()).
 RECEIVED_ERRNO = {"TCP_SYN_SENT": "ECONNREFUSED", "TCP_CLOSE_WAIT": "EPIPE", "TCP_CLOSE": None}
 
+# --- the event schema ------------------------------------------------------------------------
+# One declaration of every event field: the Event type (keyword-only where the interpreter allows,
+# and for mypy always), its JSON (to_dict, and output.json_line generated from the same fields, so
+# the two cannot disagree), the README's key table (a test holds it to these fields) and the
+# fields copied straight from the kernel's record (``raw``: contract.RawEvent's field of that
+# name, 0 meaning "none"). The kernel record itself is contract.RawEvent, held to bpf/rsttrace.h
+# by a test. JSON rules: "always"; "overflow" (overflow and drop kinds only); "set" (only when
+# true/non-zero/non-empty); attribution's keys are merged in when it ran and found a container.
 
-@dataclass
+OVERFLOW_KINDS = ("listen_overflow_syn", "listen_overflow_ack", "syn_queue_overflow", "listen_drop")
+
+def _f(doc: str, json: str = "always", raw: bool = False, default: Any = MISSING) -> Any:
+    meta = {"doc": doc, "json": json, "raw": raw}
+    if default is MISSING:
+        return field(metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_T = TypeVar("_T")
+if TYPE_CHECKING:  # mypy sees keyword-only fields declared with _f
+    from typing_extensions import dataclass_transform
+
+    @dataclass_transform(kw_only_default=True, field_specifiers=(_f,))
+    def _schema(cls: Type[_T]) -> Type[_T]: ...
+else:
+    def _schema(cls):
+        # keyword-only where the interpreter has it (3.10+): a swapped lport/rport is an error,
+        # not a silent bug; on Python 3.9 (Debian 11) the same class, keywords by convention
+        return dataclass(kw_only=True)(cls) if sys.version_info >= (3, 10) else dataclass(cls)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Who an event belongs to, from rsttrace.enrich (present only when a container was found)."""
+
+    namespace: str  # Kubernetes namespace, "" outside a pod
+    pod: str
+    container: str
+    container_id: str
+
+
+@_schema
 class Event:
-    time: str
-    ktime_ns: int
-    kind: str
-    reason: Optional[str]
-    reason_raw: Optional[int]
-    reason_source: Optional[str]  # "kernel" | "inferred" | None
-    state: Optional[str]
-    family: Optional[str]
-    laddr: Optional[str]
-    lport: Optional[int]
-    raddr: Optional[str]
-    rport: Optional[int]
-    netns: Optional[int]
-    cookie: Optional[int]
-    pid: Optional[int]
-    comm: Optional[str]
-    source: str = "tracepoint"  # "kprobe" where older kernels need one, "counters" for counter-derived
-    count: int = 1
-    backlog: Optional[int] = None
-    max_backlog: Optional[int] = None
-    cgroup_id: Optional[int] = None
-    peer_from_packet: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
+    time: str = _f("wall clock, ISO 8601 UTC (`2026-11-21T22:26:17.425840Z`)")
+    ktime_ns: int = _f("CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`); for counter-derived events, when rsttrace "
+                       "saw the counters move")
+    kind: str = _f("what happened: see `kind` below")
+    reason: Optional[str] = _f("the kernel's name for why: see `reason` below")
+    reason_raw: Optional[int] = _f("the number the kernel passed, or null when it passed none")
+    reason_source: Optional[str] = _f("`kernel` (the kernel named it) or `inferred` (rsttrace deduced it)")
+    state: Optional[str] = _f("TCP state of the socket (`TCP_ESTABLISHED`, …), null when there was no socket")
+    family: Optional[str] = _f("`ipv4` / `ipv6`")
+    laddr: Optional[str] = _f("local address as seen from this host")
+    lport: Optional[int] = _f("local port")
+    raddr: Optional[str] = _f("remote address")
+    rport: Optional[int] = _f("remote port")
+    netns: Optional[int] = _f("network namespace inode: from the socket, or the receiving device without one",
+                              raw=True, default=None)
+    cookie: Optional[int] = _f("socket cookie where the kernel has assigned one, else null", raw=True,
+                               default=None)
+    pid: Optional[int] = _f("the socket owner's pid, **only** in its process context, else null")
+    comm: Optional[str] = _f("the socket owner's command name, with `pid`")
+    source: str = _f("`tracepoint`, `kprobe` (older kernels' gaps) or `counters` (counter-derived)",
+                     default="tracepoint")
+    count: int = _f("1 for traced events; how many for counter-derived ones", default=1)
+    backlog: Optional[int] = _f("the listener's accept queue length (`ss -lt` Recv-Q)", json="overflow",
+                                default=None)
+    max_backlog: Optional[int] = _f("the listener's accept queue limit (`ss -lt` Send-Q)", json="overflow",
+                                    default=None)
+    cgroup_id: Optional[int] = _f("the socket owner's cgroup v2 id", json="set", raw=True, default=None)
+    peer_from_packet: bool = _f("the kernel passed the listener; the peer comes from the packet", json="set",
+                                default=False)
+    local_abort: bool = _f("a reset the local kernel decided while tcp_reset() ran on the same socket (data "
+                           "after shutdown); the `received` event the hook also fired for it was taken back",
+                           json="set", default=False)
+    syncookie: bool = _f("a final ACK with a valid SYN cookie met a full accept queue", json="set", default=False)
+    includes_ack: bool = _f("counter-derived overflows that may include final-ACK ones this kernel cannot "
+                            "tell apart", json="set", default=False)
+    listeners: List[str] = _f("the listeners concerned when there were several (`addr:port`, with request "
+                              "counts in a SYN flood)", json="set", default=[])
+    attribution: Optional[Attribution] = _f("`namespace`, `pod`, `container`, `container_id` of the owner's "
+                                            "container, when one was found (see Kubernetes)", json="merge",
+                                            default=None)
 
     def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {
-            "time": self.time,
-            "ktime_ns": self.ktime_ns,
-            "kind": self.kind,
-            "reason": self.reason,
-            "reason_raw": self.reason_raw,
-            "reason_source": self.reason_source,
-            "state": self.state,
-            "family": self.family,
-            "laddr": self.laddr,
-            "lport": self.lport,
-            "raddr": self.raddr,
-            "rport": self.rport,
-            "netns": self.netns,
-            "cookie": self.cookie,
-            "pid": self.pid,
-            "comm": self.comm,
-            "source": self.source,
-            "count": self.count,
-        }
-        if self.kind.startswith("listen_overflow") or self.kind == "syn_queue_overflow":
-            d["backlog"] = self.backlog
-            d["max_backlog"] = self.max_backlog
-        if self.cgroup_id:
-            d["cgroup_id"] = self.cgroup_id
-        if self.peer_from_packet:
-            d["peer_from_packet"] = True
-        d.update(self.extra)
+        """The ``--json`` contract, in field order (output.json_line prints the same text)."""
+        d: Dict[str, Any] = {}
+        for name, rule in JSON_RULES:
+            v = getattr(self, name)
+            if rule == "always" or (rule == "overflow" and self.kind in OVERFLOW_KINDS) or (rule == "set" and v):
+                d[name] = v
+            elif rule == "merge" and v is not None:
+                d.update(asdict(v))
         return d
+
+
+EVENT_FIELDS: Tuple[Field[Any], ...] = fields(Event)
+JSON_RULES: Tuple[Tuple[str, str], ...] = tuple((f.name, f.metadata["json"]) for f in EVENT_FIELDS)
+ATTRIBUTION_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(Attribution))
+
+
+def json_keys() -> List[Tuple[str, str]]:
+    """(key, meaning) for every key an event's JSON can have: the README's table."""
+    out: List[Tuple[str, str]] = []
+    for f in EVENT_FIELDS:
+        if f.metadata["json"] == "merge":
+            out.extend((a.name, f.metadata["doc"]) for a in fields(Attribution))
+        else:
+            out.append((f.name, f.metadata["doc"]))
+    return out
 
 
 class Clock:
@@ -179,19 +233,27 @@ def _struct_of(record: Any) -> Tuple[struct.Struct, Tuple[str, ...]]:
     return struct.Struct(fmt), tuple(names)
 
 
-# One unpack of the whole record instead of 20 ctypes attribute reads.
+# One unpack of the whole record instead of 20 ctypes attribute reads; fields found by name.
 RAW, _RAW_FIELDS = _struct_of(c.RawEvent)
 RAW_SIZE = RAW.size
-_UNPACKED = ("ktime_ns", "cookie", "cgroup_id", "netns", "pid", "reason", "backlog", "max_backlog", "netns_gen", "kind",
-             "family", "lport", "rport", "state", "flags", "laddr", "raddr", "comm")  # Decoder.decode's order
-if _RAW_FIELDS != _UNPACKED or ctypes.sizeof(c.RawEvent) != RAW_SIZE:  # not an assert: -O must not skip it
-    raise ImportError("contract.RawEvent changed: update Decoder.decode's unpacking (%s)" % ", ".join(_RAW_FIELDS))
+_AT = {name: i for i, name in enumerate(_RAW_FIELDS)}
+_KTIME, _REASON, _KIND, _FAMILY, _STATE, _FLAGS = (_AT[n] for n in ("ktime_ns", "reason", "kind", "family", "state",
+                                                                     "flags"))
+_LADDR, _RADDR, _LPORT, _RPORT, _PID, _COMM = (_AT[n] for n in ("laddr", "raddr", "lport", "rport", "pid", "comm"))
+_BACKLOG, _MAX_BACKLOG = _AT["backlog"], _AT["max_backlog"]
+# Event fields copied from the record field of the same name, 0 meaning none (the schema's raw=True):
+# one generated statement each, so a field added to both the record and Event needs no edit here.
+_copy_src = "def _copy(ev, v):\n" + "".join("    ev.%s = v[%d] or None\n" % (f.name, _AT[f.name])
+                                             for f in EVENT_FIELDS if f.metadata["raw"])
+_copy_ns: Dict[str, Any] = {}
+exec(compile(_copy_src, "<rsttrace.events._copy>", "exec"), _copy_ns)  # noqa: S102 - our own text
+_copy: Any = _copy_ns["_copy"]
 
 _PROCESS, _KPROBE, _PEER = c.F_PROCESS, c.F_KPROBE, c.F_PEER_FROM_SKB
-_MARKS = c.F_LOCAL_ABORT | c.F_SYNCOOKIE  # flags that add a JSON key (see Decoder.decode)
 _AF_INET, _AF_INET6 = c.AF_INET, c.AF_INET6
 _NAMES_MAX = 4096  # (kind, reason, state, flags) combinations: a few dozen in practice
-_Names = Tuple[str, Optional[str], Optional[int], Optional[str], Optional[str], str, bool, bool]
+# kind, reason, reason_raw, reason_source, state, source, process, peer, local_abort, syncookie
+_Names = Tuple[str, Optional[str], Optional[int], Optional[str], Optional[str], str, bool, bool, bool, bool]
 
 
 class Decoder:
@@ -212,41 +274,37 @@ class Decoder:
         reason_raw = None if reason == c.REASON_NONE else int(reason)
         rname, source = name_reason(self.facts, kind, reason_raw, state, flags)
         names = (kind, rname, reason_raw, source, state, "kprobe" if flags & _KPROBE else "tracepoint",
-                 bool(flags & _PROCESS), bool(flags & _PEER))
+                 bool(flags & _PROCESS), bool(flags & _PEER), bool(flags & c.F_LOCAL_ABORT),
+                 bool(flags & c.F_SYNCOOKIE))
         if len(self._names) >= _NAMES_MAX:
             self._names.clear()
         self._names[(kind_raw, reason, state_raw, flags)] = names
         return names
 
     def decode(self, data: bytes) -> Event:
-        (ktime_ns, cookie, cgroup_id, netns, pid, reason, backlog, max_backlog, _gen, kind_raw, family, lport,
-         rport, state_raw, flags, laddr, raddr, comm) = RAW.unpack_from(data)
-        names = self._names.get((kind_raw, reason, state_raw, flags))
-        if names is None:
-            names = self._name(kind_raw, reason, state_raw, flags)
-        kind, rname, reason_raw, source, state, hook, process, peer = names
+        v = RAW.unpack_from(data)
+        key = (v[_KIND], v[_REASON], v[_STATE], v[_FLAGS])
+        names = self._names.get(key) or self._name(*key)
+        kind, rname, reason_raw, source, state, hook, process, peer, local_abort, syncookie = names
+        family = v[_FAMILY]
         if family == _AF_INET:
             fam: Optional[str] = "ipv4"
-            la: Optional[str] = _ntop(laddr[:4])
-            ra: Optional[str] = _ntop(raddr[:4])
+            la: Optional[str] = _ntop(v[_LADDR][:4])
+            ra: Optional[str] = _ntop(v[_RADDR][:4])
         elif family == _AF_INET6:
-            fam, la, ra = "ipv6", _ntop(laddr), _ntop(raddr)
+            fam, la, ra = "ipv6", _ntop(v[_LADDR]), _ntop(v[_RADDR])
         else:
             fam = la = ra = None
+        max_backlog = v[_MAX_BACKLOG]
         ev = Event(
-            self.clock.iso(ktime_ns), ktime_ns, kind, rname, reason_raw, source, state, fam,
-            la, lport if family else None, ra, rport if family else None,
-            netns or None, cookie or None,
-            pid if process else None,
-            comm.split(b"\0", 1)[0].decode("utf-8", "replace") if process else None,
-            hook, 1,
-            backlog if max_backlog else None, max_backlog or None, cgroup_id or None, peer,
+            time=self.clock.iso(v[_KTIME]), ktime_ns=v[_KTIME], kind=kind, reason=rname, reason_raw=reason_raw,
+            reason_source=source, state=state, family=fam, laddr=la, lport=v[_LPORT] if family else None,
+            raddr=ra, rport=v[_RPORT] if family else None, pid=v[_PID] if process else None,
+            comm=v[_COMM].split(b"\0", 1)[0].decode("utf-8", "replace") if process else None,
+            source=hook, backlog=v[_BACKLOG] if max_backlog else None, max_backlog=max_backlog or None,
+            peer_from_packet=peer, local_abort=local_abort, syncookie=syncookie,
         )
-        if flags & _MARKS:
-            if flags & c.F_LOCAL_ABORT:
-                ev.extra["local_abort"] = True  # see Session.deliver: the received it corrects
-            if flags & c.F_SYNCOOKIE:
-                ev.extra["syncookie"] = True
+        _copy(ev, v)
         return ev
 
 

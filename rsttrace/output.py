@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring_ascii
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .events import Event
+from .events import ATTRIBUTION_FIELDS, JSON_RULES, OVERFLOW_KINDS, Event
 
 SHORT_KIND = {
     "sent": "SENT",
@@ -59,9 +59,8 @@ def human(e: Event) -> str:
     )
 
 
-FAST_PATH = True  # json_line builds the text itself (benchmarks look for this)
-
 _dumps = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=(",", ":"))
+
 
 def _jstr(v: Any) -> str:
     """JSON for a value, as json.dumps prints it; fast for str, int and None."""
@@ -75,59 +74,36 @@ def _jstr(v: Any) -> str:
     return _dumps(v)  # bool, float, containers, int subclasses: exactly as json.dumps does
 
 
-_NAMES_MAX = 4096
-_Names = Tuple[Any, ...]
-_names: Dict[_Names, Tuple[str, str]] = {}  # kind..family, source, count -> their JSON text
+def _json_line_source() -> str:
+    """The text of ``json_line``, generated from the event schema (events.JSON_RULES): the keys
+    every event has in one format string, then one test per optional key, so a field added to
+    Event appears here with no edit, in to_dict's order."""
+    always = [name for name, rule in JSON_RULES if rule == "always"]
+    if not always or JSON_RULES[0][1] != "always":
+        raise ImportError("the event schema must start with a field that is always in its JSON")
+    fmt = ",".join(encode_basestring_ascii(n) + ":%s" for n in always)
+    body = ["def json_line(e):", "    j = _jstr",
+            "    t = %r %% (%s)" % ("{" + fmt, ", ".join("j(e.%s)" % n for n in always))]
+    for name, rule in JSON_RULES:
+        key = "," + encode_basestring_ascii(name) + ":"
+        if rule == "overflow":
+            body.append("    if e.kind in OVERFLOW_KINDS: t += %r + j(e.%s)" % (key, name))
+        elif rule == "set":
+            body.append("    if e.%s: t += %r + j(e.%s)" % (name, key, name))
+        elif rule == "merge":
+            body.append("    if e.%s is not None:" % name)
+            for attr in ATTRIBUTION_FIELDS:
+                body.append("        t += %r + j(e.%s.%s)" % ("," + encode_basestring_ascii(attr) + ":", name, attr))
+        elif rule != "always":
+            raise ImportError("unknown JSON rule %r for %s" % (rule, name))
+    body.append('    return t + "}"')
+    return "\n".join(body) + "\n"
 
 
-def _names_json(key: _Names, store: bool = True) -> Tuple[str, str]:
-    kind, reason, reason_raw, reason_source, state, family, source, count = key
-    j = _jstr
-    frag = ('"kind":%s,"reason":%s,"reason_raw":%s,"reason_source":%s,"state":%s,"family":%s' % (
-        j(kind), j(reason), j(reason_raw), j(reason_source), j(state), j(family)),
-        '"source":%s,"count":%s' % (j(source), j(count)))
-    if store:
-        if len(_names) >= _NAMES_MAX:
-            _names.clear()
-        _names[key] = frag
-    return frag
-
-
-_KEYS = frozenset(("time", "ktime_ns", "kind", "reason", "reason_raw", "reason_source", "state", "family",
-                   "laddr", "lport", "raddr", "rport", "netns", "cookie", "pid", "comm", "source", "count",
-                   "backlog", "max_backlog", "cgroup_id", "peer_from_packet"))
-_NUMS = (int, type(None))  # where a cache key of equal values (1, True, 1.0) must not mix
-
-
-def json_line(e: Event) -> str:
-    """``json.dumps(e.to_dict(), separators=(",", ":"))``, byte for byte, without the dict."""
-    extra = e.extra
-    if extra and not _KEYS.isdisjoint(extra):
-        return _dumps(e.to_dict())  # an extra replaces a key in place: let to_dict order it
-    kind = e.kind
-    if type(e.reason_raw) in _NUMS and type(e.count) in _NUMS:
-        key = (kind, e.reason, e.reason_raw, e.reason_source, e.state, e.family, e.source, e.count)
-        names = _names.get(key) or _names_json(key)
-    else:
-        key = (kind, e.reason, e.reason_raw, e.reason_source, e.state, e.family, e.source, e.count)
-        names = _names_json(key, store=False)  # True == 1 == 1.0 as keys: never cached
-    j = _jstr
-    text = '{"time":%s,"ktime_ns":%s,%s,"laddr":%s,"lport":%s,"raddr":%s,"rport":%s,"netns":%s,"cookie":%s,' \
-           '"pid":%s,"comm":%s,%s' % (
-               j(e.time), j(e.ktime_ns), names[0], j(e.laddr), j(e.lport), j(e.raddr), j(e.rport), j(e.netns),
-               j(e.cookie), j(e.pid), j(e.comm), names[1])
-    if kind.startswith("listen_overflow") or kind == "syn_queue_overflow":  # as to_dict decides
-        text += ',"backlog":%s,"max_backlog":%s' % (j(e.backlog), j(e.max_backlog))
-    if e.cgroup_id:
-        text += ',"cgroup_id":' + j(e.cgroup_id)
-    if e.peer_from_packet:
-        text += ',"peer_from_packet":true'
-    if extra:
-        for k, v in extra.items():
-            if type(k) is not str:
-                return _dumps(e.to_dict())  # json.dumps' key coercions: rare, so not copied here
-            text += "," + encode_basestring_ascii(k) + ":" + j(v)
-    return text + "}"
+_ns: Dict[str, Any] = {"_jstr": _jstr, "OVERFLOW_KINDS": OVERFLOW_KINDS}
+exec(compile(_json_line_source(), "<rsttrace.output.json_line>", "exec"), _ns)  # noqa: S102 - our own text
+json_line: Callable[[Event], str] = _ns["json_line"]
+json_line.__doc__ = """``json.dumps(e.to_dict(), separators=(",", ":"))``, byte for byte, without the dict."""
 
 
 SummaryKey = Tuple[str, str, str]  # kind, reason, state

@@ -272,8 +272,8 @@ class OverflowPoller:
             max_backlog=one.max_backlog if one else None,
         )
         if len(listeners) > 1:
-            ev.extra["listeners"] = ["%s:%d" % (lst.addr, lst.port) + (" (%d requests)" % r if r else "")
-                                     for lst, r in listeners[:8]]
+            ev.listeners = ["%s:%d" % (lst.addr, lst.port) + (" (%d requests)" % r if r else "")
+                            for lst, r in listeners[:8]]
         if includes_ack:
-            ev.extra["includes_ack"] = True
+            ev.includes_ack = True
         return ev

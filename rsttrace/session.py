@@ -74,6 +74,7 @@ class Session:
         # monotonic after their map entries are deleted (see prune()).
         self.retired: Dict[CountKey, int] = {}
         self._missing: Dict[int, int] = {}  # netns in the counter map but not alive: polls missed
+        self._reads_at_poll = 0  # tracer.reads when prune() last ran
         # received events in FIN_WAIT1/2 wait here for a poll: the send event of a local abort
         # on data (local_abort: true) that follows takes them back (see deliver()).
         self._held: List[Tuple[int, Event]] = []
@@ -144,7 +145,7 @@ class Session:
             # then a send event marked local_abort follows at once (the same call chain)
             self._held.append((self._polls, ev))
             return
-        if ev.extra.get("local_abort") and self._held:
+        if ev.local_abort and self._held:
             tup = (ev.netns, ev.laddr, ev.lport, ev.raddr, ev.rport)
             for i, (_n, held) in enumerate(self._held):
                 if (held.netns, held.laddr, held.lport, held.raddr, held.rport) == tup:
@@ -232,7 +233,13 @@ class Session:
         # its own stay; without them (before 5.12) the inode's counts go, the new one's first
         # moments with them.
         dead = gone - live if self._generations else gone
-        for key, n in self._name_counts(self.tracer.retire_netns(dead)).items():
+        retired = self.tracer.retire_netns(dead)
+        if self._generations and gone & live:
+            # reused and alive: the generations seen before the previous poll are the old one's
+            for raw, n in self.tracer.retire_generations(gone & live, self._reads_at_poll).items():
+                retired[raw] = retired.get(raw, 0) + n
+        self._reads_at_poll = self.tracer.reads
+        for key, n in self._name_counts(retired).items():
             k = CountKey(key.kind, key.reason, key.reason_source, key.state, key.family, None, key.port)
             self.retired[k] = self.retired.get(k, 0) + n
         for ino in gone:

@@ -291,6 +291,41 @@ class Tracer:
             del self._gen_order[ino]
         return {ino: gen for ino, (_seen, gen) in newest.items()}
 
+    def retire_generations(self, inodes: Set[int], seen_by: int) -> Dict[CounterTuple, int]:
+        """For inodes now held by a new namespace: delete the counters of every generation already
+        seen by read ``seen_by`` (the old namespace's), keep those first seen since (the new one's),
+        and return what was deleted."""
+        out: Dict[CounterTuple, int] = {}
+        with self._lock:
+            if self.bpf is None or not inodes:
+                return out
+            table = self.bpf[b"counters"]
+            for k in [k for k, _v in table.items()]:
+                ino, gen = int(k.netns), int(k.netns_gen)
+                if ino not in inodes or self._gen_order.get(ino, {}).get(gen, seen_by + 1) > seen_by:
+                    continue
+                self._take(table, k, out)
+        return out
+
+    def _take(self, table: Any, k: Any, out: Dict[CounterTuple, int]) -> None:
+        """Delete one counter key, adding what it held to ``out`` (under self._lock)."""
+        reason = None if k.reason == c.REASON_NONE else int(k.reason)
+        key: CounterTuple = (int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port),
+                             int(k.flags))
+        try:
+            # read again right before the delete: a count made since items() is kept
+            total = sum(int(x) for x in table[k])
+            del table[k]
+        except KeyError:
+            return
+        self._gen_order.get(int(k.netns), {}).pop(int(k.netns_gen), None)
+        out[key] = out.get(key, 0) + total
+
+    @property
+    def reads(self) -> int:
+        """How many times the counters were read: generations are ordered by it."""
+        return self._reads
+
     def retire_netns(self, inodes: Set[int]) -> Dict[CounterTuple, int]:
         """Delete the counters of these namespaces (gone, or their inode handed to a new one), and
         of every older generation of any inode, and return what they held, so a caller can keep
@@ -308,18 +343,7 @@ class Tracer:
                 stale = int(k.netns_gen) != newest.get(int(k.netns), int(k.netns_gen))
                 if int(k.netns) not in inodes and not stale:
                     continue
-                reason = None if k.reason == c.REASON_NONE else int(k.reason)
-                key: CounterTuple = (
-                    int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port), int(k.flags)
-                )
-                try:
-                    # read again right before the delete: a count made since items() is kept
-                    total = sum(int(x) for x in table[k])
-                    del table[k]
-                except KeyError:
-                    continue
-                self._gen_order.get(int(k.netns), {}).pop(int(k.netns_gen), None)
-                out[key] = out.get(key, 0) + total
+                self._take(table, k, out)
         return out
 
     def stats(self) -> Dict[str, int]:

@@ -281,5 +281,8 @@ class Enricher:
             try:
                 self.refresh()
             except Exception:  # keep attributing from the last snapshot
-                rlog.get().exception("enrichment refresh failed")
+                try:
+                    rlog.get().exception("enrichment refresh failed")
+                except Exception:  # a closed stderr must not end attribution either
+                    pass
             self._stopping.wait(min(_MIN_RESCAN_GAP, self.refresh_interval))

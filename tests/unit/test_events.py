@@ -6,6 +6,7 @@ import ctypes
 import os
 import socket
 
+import pytest
 from testpaths import KERNEL_FORMATS
 
 from rsttrace import contract as c
@@ -104,3 +105,28 @@ def test_output_lines() -> None:
     line = human(e)
     assert len(line) < 100 and "10.244.1.123:8080 > 10.244.2.234:54321" in line and "NO_SOCKET" in line
     assert json_line(e).startswith('{"time":')
+
+
+def test_readme_key_table_lists_every_json_key() -> None:
+    """The README's `--json` table is the contract: every key the schema can print is in it."""
+    import re
+
+    from testpaths import ROOT
+
+    from rsttrace.events import json_keys
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    table = text.split("## Event keys", 1)[1].split("\n\n", 2)[1]
+    listed = {name for row in table.splitlines() for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    assert {k for k, _doc in json_keys()} <= listed, sorted({k for k, _ in json_keys()} - listed)
+
+
+def test_event_fields_are_keyword_only_for_mypy_and_py310() -> None:
+    import sys
+
+    from rsttrace.events import Event
+
+    if sys.version_info >= (3, 10):
+        with pytest.raises(TypeError):
+            Event("t", 1, "sent", None, None, None, None, None, None, None, None, None)  # type: ignore[misc]

@@ -17,7 +17,7 @@ def test_stdlib_records_and_exceptions_are_single_json_lines() -> None:
     except ZeroDivisionError:
         logging.getLogger("rsttrace.enrich").exception("enrichment refresh failed")
         log.get().exception("ours failed", netns=7)
-    logging.getLogger("waitress").warning("queue depth %d", 3)
+    logging.getLogger("some.library").warning("queue depth %d", 3)
     lines = buf.getvalue().splitlines()
     assert len(lines) == 3  # no traceback text between them
     a, b, c = (json.loads(x) for x in lines)

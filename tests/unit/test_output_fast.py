@@ -15,7 +15,7 @@ from testpaths import KERNEL_FORMATS
 
 from rsttrace import contract as c
 from rsttrace import events, kernel
-from rsttrace.events import Clock, Event, decode, name_reason
+from rsttrace.events import Attribution, Clock, Event, decode, name_reason
 from rsttrace.output import human, json_line
 
 STATES = {1: "TCP_ESTABLISHED", 2: "TCP_SYN_SENT", 6: "TCP_TIME_WAIT", 7: "TCP_CLOSE", 8: "TCP_CLOSE_WAIT",
@@ -123,19 +123,20 @@ def test_tricky_comm_is_escaped() -> None:
 
 
 def test_json_line_for_events_built_by_hand() -> None:
-    """Events from the overflow poller, attribution's extras, and odd values take the same text."""
+    """Events from the overflow poller, attribution, the marks, and odd values take the same text."""
     base: Dict[str, Any] = dict(time="2026-11-21T22:26:17.425840Z", ktime_ns=1, kind="listen_overflow_syn",
                                 reason="ListenOverflows", reason_raw=None, reason_source="kernel", state=None,
                                 family=None, laddr=None, lport=8080, raddr=None, rport=None, netns=4026532281,
                                 cookie=None, pid=None, comm=None)
     variants: List[Dict[str, Any]] = [
         dict(source="counters", count=3, backlog=None, max_backlog=None),
-        dict(source="counters", count=2, extra={"listeners": 2, "includes_ack": True}),
+        dict(source="counters", count=2, listeners=["10.0.0.1:80", "[::]:80 (5 requests)"], includes_ack=True),
         dict(kind="syn_queue_overflow", backlog=0, max_backlog=128, cgroup_id=5),
-        dict(kind="sent", extra={"namespace": "", "pod": "", "container": "", "container_id": ""}),
-        dict(kind="sent", extra={"namespace": "ns\"1", "pod": "p\\od", "container": "c\u00e9", "container_id": "x"}),
-        dict(kind="sent", extra={"pid": 5, "zeta": 1}),  # an extra replacing a key keeps its place
-        dict(kind="sent", extra={1: "int key", "f": 1.5, "l": [1, None], "n": None}),
+        dict(kind="listen_drop", backlog=None, max_backlog=None, listeners=[]),
+        dict(kind="sent", attribution=Attribution(namespace="", pod="", container="podman1", container_id="ab")),
+        dict(kind="sent", attribution=Attribution(namespace="ns\"1", pod="p\\od", container="c\u00e9",
+                                                  container_id="x")),
+        dict(kind="sent", local_abort=True, syncookie=True, reason="TCP_ABORT_ON_DATA"),
         dict(kind="received", reason_raw=True, count=True, peer_from_packet=True),
         dict(kind="received", reason_raw=1.0, count=1.0, lport=True),
         dict(kind="received", reason_raw=1, count=1),

@@ -109,7 +109,7 @@ def test_namespace_born_after_start_counts_from_zero(tmp_path: str) -> None:
     ino = fp.set(200, lo=4, drop=2, cookies=1)  # created and overflowing before our first look
     evs = {(e.kind, e.reason): e for e in p.poll() if e.netns == ino}
     assert evs[("listen_overflow_syn", "ListenOverflows")].count == 4
-    assert evs[("listen_overflow_syn", "ListenOverflows")].extra["includes_ack"] is True  # ACKs untraceable
+    assert evs[("listen_overflow_syn", "ListenOverflows")].includes_ack is True  # ACKs untraceable
     assert evs[("syn_queue_overflow", "TCPReqQFullDrop")].count == 2
     assert evs[("syn_queue_overflow", "TCPReqQFullDoCookies")].count == 1
     assert sum(n for (k, _r, i, _p, _s), n in p.totals.counts.items() if i == ino) == 7

@@ -85,10 +85,9 @@ class NetnsRef:
 def discover(proc_root: str = "/proc", run_netns: str = RUN_NETNS) -> Dict[int, NetnsRef]:
     """Every netns with a process in it or a name under /run/netns (``ip netns add``)."""
     found: Dict[int, NetnsRef] = {}
-    try:
-        pids = [p for p in os.listdir(proc_root) if p.isdigit()]
-    except OSError:
-        pids = []
+    # A /proc that cannot be listed (EMFILE: out of descriptors) raises: an empty answer would
+    # read as every namespace gone, and their counts would be retired.
+    pids = [p for p in os.listdir(proc_root) if p.isdigit()]
     for pid in pids:
         ns_path = os.path.join(proc_root, pid, "ns", "net")
         try:
@@ -137,7 +136,10 @@ def read_each(refs: Dict[int, NetnsRef], read: Callable[[str], T]) -> Dict[int, 
     fallback: List[Tuple[int, NetnsRef]] = []
 
     def worker() -> None:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        except OSError:  # out of descriptors: this reading is skipped, the next poll tries again
+            return
         try:
             for ino, fd, ref in pinned:
                 try:

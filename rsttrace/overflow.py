@@ -120,6 +120,7 @@ class OverflowPoller:
         self.traced_seen: Dict[int, Dict[str, int]] = {}
         self.prev_cum: Dict[Tuple[int, str], int] = {}
         self.polled = False
+        self.discovered = False  # the last poll could list the namespaces
         self.settled = True  # the last poll held nothing back for a second reading
         self.live: Set[int] = set()  # namespaces found by the last poll
         self.gone: Set[int] = set()  # inodes whose namespace died or was replaced; the Session takes them
@@ -153,7 +154,14 @@ class OverflowPoller:
             return []
 
     def poll(self) -> List[Event]:
-        refs = nsmod.discover(self.proc_root, self.run_netns)
+        try:
+            refs = nsmod.discover(self.proc_root, self.run_netns)
+        except OSError as e:
+            # nothing is known this time (not "every namespace is gone"): keep all state
+            self._error("listing namespaces under %s failed: %s" % (self.proc_root, e))
+            self.discovered = False
+            return []
+        self.discovered = True
         if self.only_netns is not None:
             refs = {k: v for k, v in refs.items() if k == self.only_netns}
         traced = self.traced()  # before the counters: see the race note on self.base

@@ -215,8 +215,8 @@ class Session:
         starts from zero. On kernels without namespace generations (before 5.12) the counts a
         new namespace made on a reused inode before the poll that noticed it go with the old one.
         """
-        if self.poller is None or not self.poller.polled:
-            return
+        if self.poller is None or not self.poller.polled or not self.poller.discovered:
+            return  # a poll that could not list namespaces says nothing about who is gone
         gone = self.poller.take_gone()
         live = self.poller.live
         inodes = {k[4] for k in self.tracer.counters() if k[4]}

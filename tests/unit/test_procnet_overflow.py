@@ -161,3 +161,18 @@ def test_gone_namespaces_are_reported_once(tmp_path: str) -> None:
     assert p.take_gone() == {ino}
     p.poll()
     assert p.take_gone() == set()
+
+
+def test_a_proc_that_cannot_be_listed_is_not_every_namespace_gone(tmp_path: str) -> None:
+    """Out of descriptors, /proc cannot be listed: that poll knows nothing, and forgets nothing."""
+    fp = FakeProc(str(tmp_path))
+    ino = fp.set(100, lo=0)
+    p = poller(fp, None)
+    p.poll()
+    root = fp.root
+    p.proc_root = os.path.join(root, "missing")  # listdir fails as it does with EMFILE
+    assert p.poll() == [] and not p.discovered
+    assert p.take_gone() == set() and ino in p.base
+    p.proc_root = root
+    fp.set(100, lo=2)
+    assert sum(e.count for e in p.poll() + p.poll()) == 2 and p.discovered  # counted once, from the old base

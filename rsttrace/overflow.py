@@ -13,7 +13,10 @@ with the count and, where sock_diag can tell, the listener concerned. Such event
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
@@ -25,6 +28,8 @@ from .events import Clock, Event
 WATCHED = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies", "EmbryonicRsts")
 
 SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h (5.14+): a namespace's never-reused id
+# include/uapi/linux/nsfs.h, _IOR(0xb7, 0xd, __u64) (6.18+): ns_common.ns_id, another such id
+NS_GET_ID = (2 << 30) | (8 << 16) | (0xB7 << 8) | 0xD
 
 # Per netns, what the BPF programs counted of the things the kernel's counters also count:
 # "ListenOverflows" (traced listen overflows) and "EmbryonicRsts" (embryonic resets sent plus RSTs
@@ -67,12 +72,20 @@ class OverflowTotals:
 def _read_watched(net_dir: str) -> Dict[str, int]:
     ext = procnet.read(net_dir).get("TcpExt", {})
     out = {name: ext.get(name, 0) for name in WATCHED}
-    if net_dir == "/proc/thread-self/net":  # entered with setns: ask the namespace its cookie
+    if net_dir == "/proc/thread-self/net":  # entered with setns: ask the namespace its ids
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 out["_cookie"] = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
         except OSError:
             pass  # before 5.14
+        try:
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            try:
+                out["_ns_id"] = struct.unpack("=Q", fcntl.ioctl(fd, NS_GET_ID, b"\0" * 8))[0]
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # before 6.18 (ENOTTY)
     return out
 
 
@@ -123,6 +136,8 @@ class OverflowPoller:
         self.discovered = False  # the last poll could list the namespaces
         self.settled = True  # the last poll held nothing back for a second reading
         self.live: Set[int] = set()  # namespaces found by the last poll
+        self.cookies: Dict[int, int] = {}  # their SO_NETNS_COOKIE, where setns let us ask
+        self.ns_ids: Dict[int, int] = {}  # their ns_id (NS_GET_ID, 6.18+), likewise
         self.gone: Set[int] = set()  # inodes whose namespace died or was replaced; the Session takes them
         self.totals = OverflowTotals()
         self.errors: List[str] = []
@@ -230,6 +245,8 @@ class OverflowPoller:
                 else:
                     out.append(self._event(name, n, ino, now, floods, False))
         self.live = set(refs)
+        self.cookies = {ino: r["_cookie"] for ino, r in readings.items() if r.get("_cookie")}
+        self.ns_ids = {ino: r["_ns_id"] for ino, r in readings.items() if r.get("_ns_id")}
         for ino in list(self.base):
             if ino not in refs:  # the namespace is gone (a failed read alone proves nothing)
                 self._forget(ino)

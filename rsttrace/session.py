@@ -66,6 +66,10 @@ class Session:
                                          includes_ack=not ack_traced, clock=self.clock, proc_root=proc_root,
                                          overflows_traced=overflows_traced, tcp_syn_recv_state=syn_recv)
         self._generations = "OFF_NET_NS_ID" in facts.offsets or "OFF_NET_COOKIE" in facts.offsets
+        # which id the programs key by (bpf/rsttrace.bpf.c net_ident: ns_id when it sits within 8
+        # bytes after inum, else net_cookie), so the poller's reading of the same id is compared
+        rel = facts.offsets.get("OFF_NET_NS_ID", -1) - facts.offsets.get("OFF_NET_INUM", 0)
+        self._gen_is_ns_id = "OFF_NET_NS_ID" in facts.offsets and 0 < rel <= 8
         self._invalid_syn = next((v for v, n in facts.rst_reasons.items() if n == "INVALID_SYN"), None)
         self.delivered = 0
         self.last_loop = time.monotonic()
@@ -234,9 +238,16 @@ class Session:
         # moments with them.
         dead = gone - live if self._generations else gone
         retired = self.tracer.retire_netns(dead)
-        if self._generations and gone & live:
-            # reused and alive: the generations seen before the previous poll are the old one's
-            for raw, n in self.tracer.retire_generations(gone & live, self._reads_at_poll).items():
+        if self._generations:
+            # Every live namespace's own generation, where the poller could ask it (setns): any
+            # other generation of its inode is a predecessor's.
+            ids = self.poller.ns_ids if self._gen_is_ns_id else self.poller.cookies
+            known = {ino: v & 0xFFFFFFFF for ino, v in ids.items() if ino in live}
+            for raw, n in self.tracer.retire_other_generations(known).items():
+                retired[raw] = retired.get(raw, 0) + n
+            # alive, own id unknown (no setns): older generations seen before the previous poll
+            # are predecessors'
+            for raw, n in self.tracer.retire_generations(live - set(known), self._reads_at_poll).items():
                 retired[raw] = retired.get(raw, 0) + n
         self._reads_at_poll = self.tracer.reads
         for key, n in self._name_counts(retired).items():

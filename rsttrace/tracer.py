@@ -62,6 +62,7 @@ class Tracer:
     # inode -> {namespace generation: the read it was first seen in} (see _newest_generations)
     _gen_order: Dict[int, Dict[int, int]] = field(default_factory=dict)
     _reads: int = 0
+    live_generations: Dict[int, int] = field(default_factory=dict)  # see retire_other_generations
 
     def __post_init__(self) -> None:
         self.ringbuf = self.facts.ringbuf and not self.options.force_perf
@@ -289,20 +290,42 @@ class Tracer:
                 newest[ino] = (seen, gen)
         for ino in [i for i, o in self._gen_order.items() if not o]:
             del self._gen_order[ino]
-        return {ino: gen for ino, (_seen, gen) in newest.items()}
+        out = {ino: gen for ino, (_seen, gen) in newest.items()}
+        # where the live namespace's own id is known (read by the poller) and counted, it decides
+        out.update((ino, gen) for ino, gen in self.live_generations.items() if gen in self._gen_order.get(ino, ()))
+        return out
+
+    def retire_other_generations(self, live: Dict[int, int]) -> Dict[CounterTuple, int]:
+        """``live``: inode -> the generation of the namespace that has it now (the low 32 bits of
+        its SO_NETNS_COOKIE, which is the id the programs read: net_cookie, or ns_id on 6.18 where
+        the two are one). Delete every other generation of those inodes, return what they held."""
+        out: Dict[CounterTuple, int] = {}
+        with self._lock:
+            self.live_generations = dict(live)
+            if self.bpf is None:
+                return out
+            table = self.bpf[b"counters"]
+            for k in [k for k, _v in table.items()]:
+                ino, gen = int(k.netns), int(k.netns_gen)
+                if ino in live and gen and gen != live[ino]:
+                    self._take(table, k, out)
+        return out
 
     def retire_generations(self, inodes: Set[int], seen_by: int) -> Dict[CounterTuple, int]:
-        """For inodes now held by a new namespace: delete the counters of every generation already
-        seen by read ``seen_by`` (the old namespace's), keep those first seen since (the new one's),
-        and return what was deleted."""
+        """Where a live namespace's own id is unknown (no setns): delete the counters of every
+        generation of these inodes but the newest that was already seen by read ``seen_by`` (a
+        predecessor's), and return what was deleted."""
         out: Dict[CounterTuple, int] = {}
         with self._lock:
             if self.bpf is None or not inodes:
                 return out
             table = self.bpf[b"counters"]
-            for k in [k for k, _v in table.items()]:
+            keys = [k for k, _v in table.items()]
+            newest = self._newest_generations(keys)
+            for k in keys:
                 ino, gen = int(k.netns), int(k.netns_gen)
-                if ino not in inodes or self._gen_order.get(ino, {}).get(gen, seen_by + 1) > seen_by:
+                if ino not in inodes or gen == newest.get(ino) or self._gen_order.get(ino, {}).get(
+                        gen, seen_by + 1) > seen_by:
                     continue
                 self._take(table, k, out)
         return out
@@ -327,9 +350,8 @@ class Tracer:
         return self._reads
 
     def retire_netns(self, inodes: Set[int]) -> Dict[CounterTuple, int]:
-        """Delete the counters of these namespaces (gone, or their inode handed to a new one), and
-        of every older generation of any inode, and return what they held, so a caller can keep
-        totals monotonic. The kernel reuses a freed
+        """Delete the counters of these namespaces (gone, or their inode handed to a new one) and
+        return what they held, so a caller can keep totals monotonic. The kernel reuses a freed
         namespace's inode number at once: without this a new pod would inherit a dead one's
         counts, and a node with pod churn would fill the map with history."""
         out: Dict[CounterTuple, int] = {}
@@ -337,12 +359,7 @@ class Tracer:
             if self.bpf is None:
                 return out
             table = self.bpf[b"counters"]
-            keys = [k for k, _v in table.items()]
-            newest = self._newest_generations(keys)
-            for k in keys:
-                stale = int(k.netns_gen) != newest.get(int(k.netns), int(k.netns_gen))
-                if int(k.netns) not in inodes and not stale:
-                    continue
+            for k in [k for k, _v in table.items() if int(k.netns) in inodes]:
                 self._take(table, k, out)
         return out
 

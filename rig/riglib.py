@@ -1,5 +1,6 @@
-"""Offline kernel test rig: boot Debian's own 5.10, 6.1 and 6.12 kernels under
-qemu and run one command inside each.  See rig/README.md.
+"""Offline kernel test rig: boot Debian's own 5.10, 6.1, 6.12 and 7.2 (unstable)
+kernels and Debian 13's cloud-flavor 6.12 under qemu and run one command inside
+each.  See rig/README.md.
 
 Host side only, Python 3.9 stdlib.  The guest side is rig/guest/.
 """
@@ -42,15 +43,34 @@ MARK = "RSTTRACE-RIG:"
 class Release:
     label: str  # what --kernel takes and what prefixes output lines
     suite: str  # Debian suite given to debootstrap
-    number: int
+    aliases: tuple[str, ...]  # also taken by --kernel: release number, codename
+    python: str  # the suite's python3 ("3.11"): selects requirements.txt lines by marker
+    flavor: str = ""  # kernel flavor: "" is Debian's generic amd64, "cloud" is cloud-amd64
+
+    @property
+    def slug(self) -> str:
+        """Name of this image in the cache (images/, debs/, locks/, logs/)."""
+        return f"{self.suite}-{self.flavor}" if self.flavor else self.suite
 
 
 RELEASES: tuple[Release, ...] = (
-    Release("5.10", "bullseye", 11),
-    Release("6.1", "bookworm", 12),
-    Release("6.12", "trixie", 13),
+    Release("5.10", "bullseye", ("11",), "3.9"),
+    Release("6.1", "bookworm", ("12",), "3.11"),
+    Release("6.12", "trixie", ("13",), "3.13"),
+    # Debian unstable: whatever kernel, bcc and Python it has when the image is built
+    # (7.2, 0.37, 3.14 on 2026-12-01); a new python3 there fails the build loudly.
+    Release("7.2", "sid", ("unstable",), "3.14"),
+    # Debian 13's cloud flavor: the same 6.12 series as above, a different configuration.
+    Release("6.12-cloud", "trixie", ("cloud", "trixie-cloud"), "3.13", flavor="cloud"),
 )
 BY_LABEL = {r.label: r for r in RELEASES}
+# The packages.txt names a flavor replaces with its own.
+FLAVOR_PACKAGES = {
+    "cloud": {
+        "linux-image-amd64": "linux-image-cloud-amd64",
+        "linux-headers-amd64": "linux-headers-cloud-amd64",
+    },
+}
 
 
 # ----------------------------------------------------------------- output ---
@@ -83,6 +103,55 @@ def read_list(path: Path) -> list[str]:
     return items
 
 
+def release_packages(release: Release, packages: Sequence[str]) -> list[str]:
+    """packages.txt for one release: a flavor swaps in its own kernel and headers."""
+    swap = FLAVOR_PACKAGES.get(release.flavor, {})
+    return [swap.get(p, p) for p in packages]
+
+
+_MARKER = re.compile(r"""python_version\s*(<=|>=|==|!=|<|>)\s*["']?(\d+(?:\.\d+)*)["']?""")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+def release_wheels(release: Release, lines: Sequence[str]) -> list[str]:
+    """requirements.txt lines that apply to the release's Python, markers removed.
+
+    Only ``python_version <op> "X.Y"`` markers (joined by ``and``) are understood: enough
+    to pin a binary wheel per Python.  pip is not asked to evaluate them, since pip
+    download judges markers by the host's Python, not by --python-version.  Lines
+    without a marker stay as they are, so the cache keys of releases a marker does not
+    touch stay the same.
+    """
+    ops = {
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+        ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b,
+        "==": lambda a, b: a == b,
+        "!=": lambda a, b: a != b,
+    }
+    have = _version(release.python)
+    out = []
+    for line in lines:
+        req, sep, marker = line.partition(";")
+        req = req.strip()
+        if sep:
+            terms = [t.strip() for t in marker.split(" and ")]
+            keep = True
+            for term in terms:
+                m = _MARKER.fullmatch(term)
+                if not m:
+                    raise RigError(f"requirements.txt: marker {term!r} not understood (only python_version)")
+                keep = keep and ops[m.group(1)](have, _version(m.group(2)))
+            if not keep:
+                continue
+        out.append(req)
+    return out
+
+
 def cache_key(
     release: Release,
     packages: Sequence[str],
@@ -94,7 +163,8 @@ def cache_key(
     h = hashlib.sha256()
     for part in (
         IMAGE_FORMAT,
-        release.suite,
+        # A flavor is another image of the same suite; the generic ones keep their keys.
+        release.slug,
         mirror,
         "\n".join(sorted(packages)),
         "\n".join(sorted(w.lower() for w in wheels)),
@@ -330,8 +400,10 @@ class BuildConfig:
 
 def image_for(release: Release, cfg: BuildConfig) -> Image:
     stage1 = (GUEST_DIR / "rig-init").read_bytes()
-    key = cache_key(release, cfg.packages, cfg.wheels, cfg.mirror or "default", stage1)
-    directory = cfg.cache / "images" / f"{release.suite}-{key}"
+    packages = release_packages(release, cfg.packages)
+    wheels = release_wheels(release, cfg.wheels)
+    key = cache_key(release, packages, wheels, cfg.mirror or "default", stage1)
+    directory = cfg.cache / "images" / f"{release.slug}-{key}"
     return Image(release, key, directory)
 
 
@@ -350,7 +422,7 @@ def ensure_image(release: Release, cfg: BuildConfig) -> Image:
         return image
     locks = cfg.cache / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{release.suite}.lock", "w") as lock:
+    with open(locks / f"{release.slug}.lock", "w") as lock:
         # Another rig run (another engineer, another CI job) may be building
         # the same image: wait for it instead of racing it.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -390,6 +462,11 @@ def preseed_root(root: Path) -> None:
         UNSAFE_IO: "# rig build only: no fsync per file while debootstrap unpacks\nforce-unsafe-io\n",
         "etc/initramfs-tools/conf.d/rsttrace-rig": "MODULES=list\nCOMPRESS=gzip\n",
         "usr/share/initramfs-tools/modules.d/rsttrace-rig": "\n".join(INITRD_MODULES) + "\n",
+        # sid's kernel depends on "dracut | initramfs-tools", so debootstrap installs dracut:
+        # the same small initrd from it (drivers= is the exclusive list; deps come along).
+        "etc/dracut.conf.d/rsttrace-rig.conf": (
+            'hostonly="no"\n' f'drivers=" {" ".join(INITRD_MODULES)} "\n' 'compress="gzip"\n'
+        ),
     }
     for rel, text in files.items():
         path = root / rel
@@ -401,17 +478,18 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
     release = image.release
     logs = cfg.cache / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{release.suite}-build.log"
-    say(release.label, f"building the {release.suite} image (log: {log_path})")
+    log_path = logs / f"{release.slug}-build.log"
+    say(release.label, f"building the {release.slug} image (log: {log_path})")
     start = time.monotonic()
-    work = cfg.cache / "tmp" / f"{release.suite}-{os.getpid()}"
+    packages = release_packages(release, cfg.packages)
+    work = cfg.cache / "tmp" / f"{release.slug}-{os.getpid()}"
     remove_tree(work)
     work.mkdir(parents=True)
     # The debootstrap target goes to tmpfs when there is room: dpkg's many
     # small writes and fsyncs there cost nothing, and mke2fs -d copies it out.
-    root = scratch_dir(cfg.cache) / f"rsttrace-rig-{release.suite}-{os.getpid()}"
+    root = scratch_dir(cfg.cache) / f"rsttrace-rig-{release.slug}-{os.getpid()}"
     remove_tree(root)
-    debs = cfg.cache / "debs" / release.suite
+    debs = cfg.cache / "debs" / release.slug
     debs.mkdir(parents=True, exist_ok=True)
     try:
         with open(log_path, "w") as log:
@@ -421,7 +499,7 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
                 "--variant=minbase",
                 "--components=main",
                 f"--cache-dir={debs.resolve()}",
-                "--include=" + ",".join(cfg.packages),
+                "--include=" + ",".join(packages),
                 release.suite,
                 str(root),
             ]
@@ -433,8 +511,14 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
             (root / UNSAFE_IO).unlink()
             version, vmlinuz, initrd = kernel_files(root)
             python = guest_python(root)
+            if python != f"python{release.python}":
+                # The wheels' markers were chosen for release.python: sid moved on.
+                raise RigError(
+                    f"{release.suite} has {python}, the rig expects python{release.python}: "
+                    "update RELEASES in rig/riglib.py (and requirements.txt markers)"
+                )
             t0 = time.monotonic()
-            wheels = fetch_wheels(cfg, python, log)
+            wheels = fetch_wheels(cfg, release, python, log)
             for wheel in wheels:
                 made = install_wheel(wheel, root, python)
                 log.write(f"installed {wheel.name} {' '.join(made)}\n")
@@ -442,6 +526,8 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
             customize_root(root, GUEST_DIR / "rig-init")
             shutil.copy2(vmlinuz, work / "vmlinuz")
             shutil.copy2(initrd, work / "initrd.img")
+            # dracut (sid) writes its initrd 0600; booting needs no root.
+            (work / "initrd.img").chmod(0o644)
             t0 = time.monotonic()
             make_ext4(root, work / "root.img", "rsttrace-root", log)
             t_mke2fs = time.monotonic() - t0
@@ -453,7 +539,8 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
             "key": image.key,
             "kernel": version,
             "python": python,
-            "packages": cfg.packages,
+            "flavor": release.flavor or "generic",
+            "packages": packages,
             "wheels": [w.name for w in wheels],
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(seconds, 1),
@@ -468,8 +555,9 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
         remove_tree(image.directory)
         image.directory.parent.mkdir(parents=True, exist_ok=True)
         os.rename(work, image.directory)
-        for old in image.directory.parent.glob(f"{release.suite}-*"):
-            if old != image.directory:
+        # Only this slug's images: "trixie-<key>" must not take "trixie-cloud-<key>" along.
+        for old in image.directory.parent.glob(f"{release.slug}-*"):
+            if old != image.directory and re.fullmatch(re.escape(release.slug) + r"-[0-9a-f]{16}", old.name):
                 remove_tree(old)
     except BaseException:
         remove_tree(root)
@@ -484,15 +572,19 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
     )
 
 
-def fetch_wheels(cfg: BuildConfig, python: str, log: IO[str]) -> list[Path]:
+def fetch_wheels(cfg: BuildConfig, release: Release, python: str, log: IO[str]) -> list[Path]:
     """pip download the requirements for the guest's Python, binary only."""
-    if not cfg.wheels:
+    wanted = release_wheels(release, cfg.wheels)
+    if not wanted:
         return []
     version = python[len("python") :]
-    dest = cfg.cache / "wheels" / python
+    # Per image, not per Python: two images of one Python (trixie, its cloud flavor) build at once.
+    dest = cfg.cache / "wheels" / f"{release.slug}-{python}"
     # A fresh directory each build, so a wheel dropped from the list leaves.
     remove_tree(dest)
     dest.mkdir(parents=True)
+    requirements = cfg.cache / "wheels" / f"{release.slug}-requirements.txt"
+    requirements.write_text("".join(w + "\n" for w in wanted))
     cmd = pip_command() + [
         "download",
         "--no-deps",
@@ -507,12 +599,12 @@ def fetch_wheels(cfg: BuildConfig, python: str, log: IO[str]) -> list[Path]:
         "--dest",
         str(dest),
         "-r",
-        str(cfg.requirements),
+        str(requirements),
     ]
     run_logged(cmd, log)
     wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != len(cfg.wheels):
-        raise RigError(f"pip gave {len(wheels)} wheels for {len(cfg.wheels)} requirements")
+    if len(wheels) != len(wanted):
+        raise RigError(f"pip gave {len(wheels)} wheels for {len(wanted)} requirements")
     return wheels
 
 
@@ -550,7 +642,11 @@ def command_script(argv: Sequence[str]) -> str:
 
 
 def env_script(release: Release, extra: dict[str, str]) -> str:
-    env = {"RSTTRACE_RIG_KERNEL": release.label, "RSTTRACE_RIG_SUITE": release.suite}
+    env = {
+        "RSTTRACE_RIG_KERNEL": release.label,
+        "RSTTRACE_RIG_SUITE": release.suite,
+        "RSTTRACE_RIG_FLAVOR": release.flavor or "generic",
+    }
     env.update(extra)
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
 
@@ -561,12 +657,18 @@ def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_project_tar(dest: Path, project: Path, files: Sequence[str], argv: Sequence[str]) -> list[str]:
+def write_project_tar(
+    dest: Path, project: Path, files: Sequence[str], argv: Sequence[str], attach: Path | None = None
+) -> list[str]:
     """The part of the input disk that all kernels share: init.sh, cmd.sh and
-    project/.  Made once per run, so every kernel sees the same snapshot of a
-    work tree others may be editing.  Returns the files that vanished meanwhile."""
+    project/, and attach/ (a host directory given with --attach: e.g. wheels and
+    package lists for a guest that has no network).  Made once per run, so every
+    kernel sees the same snapshot of a work tree others may be editing.  Returns
+    the files that vanished meanwhile."""
     vanished = []
     with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tf:
+        if attach is not None:
+            tf.add(str(attach), arcname="attach", filter=_root_owned)
         _add_bytes(tf, "init.sh", (GUEST_DIR / "init.sh").read_bytes(), 0o755)
         _add_bytes(tf, "cmd.sh", command_script(argv).encode(), 0o755)
         for name in files:
@@ -582,6 +684,12 @@ def write_project_tar(dest: Path, project: Path, files: Sequence[str], argv: Seq
             except FileNotFoundError:
                 vanished.append(name)
     return vanished
+
+
+def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
 
 
 def write_input_tar(dest: Path, project_tar: Path, env_sh: str) -> None:
@@ -852,14 +960,14 @@ def kvm_usable(image: Image, cache: Path) -> bool:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="rig/run",
-        description="Boot Debian's 5.10/6.1/6.12 kernels under qemu and run a command in the project.",
+        description="Boot Debian's 5.10/6.1/6.12/7.2 and cloud 6.12 kernels under qemu and run a command.",
         epilog="Example: rig/run --kernel 6.1 -- python3 -m pytest -q tests",
     )
     p.add_argument(
         "--kernel",
         action="append",
         default=[],
-        help="5.10, 6.1, 6.12 or all (default all); repeat or comma-separate",
+        help="5.10, 6.1, 6.12, 7.2, 6.12-cloud or all (default all); repeat or comma-separate",
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild the images even if cached")
     p.add_argument(
@@ -879,6 +987,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="also copy untracked files git does not ignore",
     )
     p.add_argument("--out", help="where results land (default: PROJECT/build/rig)")
+    p.add_argument(
+        "--attach",
+        metavar="DIR",
+        help="a host directory copied to /rig/attach in the guest ($RSTTRACE_RIG_ATTACH)",
+    )
     p.add_argument("--requirements", default=str(RIG_DIR / "requirements.txt"))
     p.add_argument("--packages", default=str(RIG_DIR / "packages.txt"))
     p.add_argument(
@@ -939,9 +1052,10 @@ def select_releases(specs: Sequence[str]) -> list[Release]:
                 labels.append(item)
             else:
                 # Also take suite names and release numbers: bookworm, 12.
-                match = [r for r in RELEASES if item in (r.suite, str(r.number))]
+                match = [r for r in RELEASES if not r.flavor and item == r.suite or item in r.aliases]
                 if not match:
-                    raise RigError(f"unknown kernel {item!r}: use 5.10, 6.1, 6.12 or all")
+                    known = ", ".join(r.label for r in RELEASES)
+                    raise RigError(f"unknown kernel {item!r}: use {known} or all")
                 labels.append(match[0].label)
     return [BY_LABEL[label] for label in dict.fromkeys(labels)]
 
@@ -1003,7 +1117,7 @@ def _main(args: argparse.Namespace) -> int:
         t.join()
     for label, err in errors.items():
         say(label, f"image build failed: {err}", sys.stderr)
-        log = cache / "logs" / f"{BY_LABEL[label].suite}-build.log"
+        log = cache / "logs" / f"{BY_LABEL[label].slug}-build.log"
         if log.exists():
             tail = log.read_text(errors="replace").splitlines()[-25:]
             say(label, "\n".join("  | " + t for t in tail), sys.stderr)
@@ -1029,7 +1143,10 @@ def _main(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="rig-project-", dir=str(out_root)))
     try:
         project_tar = scratch / "project.tar"
-        vanished = write_project_tar(project_tar, project, files, args.command)
+        attach = Path(args.attach).resolve() if args.attach else None
+        if attach is not None and not attach.is_dir():
+            raise RigError(f"--attach {args.attach}: not a directory")
+        vanished = write_project_tar(project_tar, project, files, args.command, attach)
         if vanished:
             say("rig", f"skipped {len(vanished)} files deleted while copying: {' '.join(vanished[:5])}")
         say("rig", f"{len(files) - len(vanished)} project files from {project}; accel {accel}; results in {out_root}")

@@ -36,6 +36,8 @@ hostname rsttrace-rig 2>/dev/null || true
 . /rig/env.sh
 export HOME=/root LANG=C.UTF-8 TERM=dumb CI=true RSTTRACE_RIG=1
 export RSTTRACE_RIG_PROJECT=/rig/project RSTTRACE_RIG_OUT=/rig/result/out
+# rig/run --attach DIR: the host directory, read-only in spirit.
+if [ -d /rig/attach ]; then export RSTTRACE_RIG_ATTACH=/rig/attach; fi
 mkdir -p "$RSTTRACE_RIG_OUT"
 
 echo "RSTTRACE-RIG: begin $(uname -r) $(/usr/bin/python3 --version 2>&1)"

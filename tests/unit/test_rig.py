@@ -47,11 +47,44 @@ def test_cache_key_changes_with_inputs() -> None:
 
 def test_select_releases() -> None:
     labels = [r.label for r in riglib.select_releases([])]
-    assert labels == ["5.10", "6.1", "6.12"]
+    assert labels == ["5.10", "6.1", "6.12", "7.2", "6.12-cloud"]
     assert [r.suite for r in riglib.select_releases(["6.12,5.10", "6.12"])] == ["trixie", "bullseye"]
     assert [r.label for r in riglib.select_releases(["bookworm"])] == ["6.1"]
+    assert [r.label for r in riglib.select_releases(["12"])] == ["6.1"]
+    # The suite name means the generic kernel; the cloud flavor has its own names.
+    assert [r.label for r in riglib.select_releases(["trixie"])] == ["6.12"]
+    assert [r.label for r in riglib.select_releases(["cloud", "unstable,sid"])] == ["6.12-cloud", "7.2"]
     with pytest.raises(riglib.RigError):
         riglib.select_releases(["4.19"])
+
+
+def test_a_flavor_is_its_own_image() -> None:
+    generic, cloud = riglib.BY_LABEL["6.12"], riglib.BY_LABEL["6.12-cloud"]
+    assert (generic.slug, cloud.slug) == ("trixie", "trixie-cloud")
+    pkgs = ["linux-image-amd64", "linux-headers-amd64", "python3-bpfcc"]
+    assert riglib.release_packages(generic, pkgs) == pkgs
+    cloud_pkgs = ["linux-image-cloud-amd64", "linux-headers-cloud-amd64", "python3-bpfcc"]
+    assert riglib.release_packages(cloud, pkgs) == cloud_pkgs
+    key = riglib.cache_key(generic, pkgs, [], "default", b"")
+    assert key != riglib.cache_key(cloud, pkgs, [], "default", b"")
+
+
+def test_release_wheels_reads_python_version_markers() -> None:
+    lines = ["a==1", 'y==6.0.2; python_version < "3.14"', "y==6.0.3 ; python_version>='3.14'",
+             'z==1; python_version >= "3.10" and python_version < "3.14"']
+    assert riglib.release_wheels(riglib.BY_LABEL["5.10"], lines) == ["a==1", "y==6.0.2"]
+    assert riglib.release_wheels(riglib.BY_LABEL["6.12"], lines) == ["a==1", "y==6.0.2", "z==1"]
+    assert riglib.release_wheels(riglib.BY_LABEL["7.2"], lines) == ["a==1", "y==6.0.3"]
+    with pytest.raises(riglib.RigError):
+        riglib.release_wheels(riglib.BY_LABEL["7.2"], ['x==1; sys_platform == "linux"'])
+
+
+def test_shipped_requirements_give_one_pin_per_wheel_everywhere() -> None:
+    lines = riglib.read_list(RIG / "requirements.txt")
+    for release in riglib.RELEASES:
+        names = [w.split("==")[0].lower() for w in riglib.release_wheels(release, lines)]
+        assert len(names) == len(set(names)), release.label
+        assert "pyyaml" in names, release.label
 
 
 def test_parse_args_takes_command_after_dashes() -> None:

@@ -83,8 +83,8 @@ class Event:
                               raw=True, default=None)
     cookie: Optional[int] = _f("socket cookie where the kernel has assigned one, else null", raw=True,
                                default=None)
-    pid: Optional[int] = _f("the socket owner's pid, **only** in its process context, else null")
-    comm: Optional[str] = _f("the socket owner's command name, with `pid`")
+    pid: Optional[int] = _f("the socket owner's pid, **only** in its process context, else null", default=None)
+    comm: Optional[str] = _f("the socket owner's command name, with `pid`", default=None)
     source: str = _f("`tracepoint`, `kprobe` (older kernels' gaps) or `counters` (counter-derived)",
                      default="tracepoint")
     count: int = _f("1 for traced events; how many for counter-derived ones", default=1)

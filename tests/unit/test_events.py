@@ -130,3 +130,17 @@ def test_event_fields_are_keyword_only_for_mypy_and_py310() -> None:
     if sys.version_info >= (3, 10):
         with pytest.raises(TypeError):
             Event("t", 1, "sent", None, None, None, None, None, None, None, None, None)  # type: ignore[misc]
+
+
+def test_event_schema_builds_on_python_39() -> None:
+    """Python 3.9 (the rig's Debian 11) has no kw_only dataclasses: there the class is a plain
+    dataclass, where a field without a default may not follow one with a default."""
+    from dataclasses import MISSING
+
+    from rsttrace.events import EVENT_FIELDS
+
+    seen_default = False
+    for f in EVENT_FIELDS:
+        has_default = f.default is not MISSING or f.default_factory is not MISSING
+        assert has_default or not seen_default, "%s has no default but follows one that has" % f.name
+        seen_default = seen_default or has_default

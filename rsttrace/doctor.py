@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from . import hooks
 from .bccload import BccMissing, CacheError, bcc_version, import_bcc, kernel_headers
 from .kernel import RAW_ROLES, KernelFacts, gather
 from .tracefs import TracefsError, ensure_tracefs, find_tracefs, unreadable_tracefs
@@ -129,6 +130,10 @@ def run(load: bool = True) -> List[Check]:
         kprobes = os.path.exists(os.path.join(tracefs or "", "kprobe_events"))
         checks.append(Check("kprobes", kprobes, "available" if kprobes else "not built into this kernel "
                             "(CONFIG_KPROBES off): only tracepoints are used", required=False))
+        macros = facts.macros()
+        chosen = ["%s on %s" % (fn, hook) for fn, hook, macro in hooks.plan(facts, macros) if macro in macros]
+        checks.append(Check("programs", bool(chosen), ", ".join(chosen) or "none: no hook of the table fits "
+                            "this kernel", required=False))
         for hook in facts.hooks():
             checks.append(Check("hook " + hook.kind, hook.available, "%s%s" % (hook.source,
                                 ": " + hook.detail if hook.detail else ""), required=False))

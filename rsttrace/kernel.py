@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .btf import Btf, BtfError
+from .hooks import Hook, coverage, hook_macros
 from .tracefs import EventFormat, Tracefs
 
 # C macro -> BTF member paths, first that resolves wins. Expected size guards against a field
@@ -107,16 +108,6 @@ def raw_arg_roles(types: List[str], roles: Dict[str, str]) -> Dict[str, int]:
                 out[role] = i
                 break
     return out
-
-
-@dataclass
-class Hook:
-    """One event source and whether this kernel lets us use it."""
-
-    kind: str  # contract kind it feeds
-    source: str  # e.g. "tracepoint tcp:tcp_send_reset"
-    available: bool
-    detail: str  # why (not), or what degrades
 
 
 @dataclass
@@ -226,60 +217,18 @@ class KernelFacts:
         return roles if usable[tracepoint] else {}
 
     def hooks(self) -> List[Hook]:
-        out: List[Hook] = []
+        """Per event kind, what sees it on this kernel (rsttrace.hooks.coverage)."""
+        return coverage(self)
+
+    @property
+    def send_reset_usable(self) -> bool:
         s = self.send_reset
-        if s is None:
-            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", False, "not in this kernel (needs 4.15+)"))
-        elif self.send_has_reason:
-            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", True,
-                            "with the kernel's reason; fires for every reset (6.10+ layout)"))
-        elif self.kp_send_reset:
-            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset + kprobe tcp_v4/v6_send_reset", True,
-                            "no reason field (pre-6.10 layout): the tracepoint sees full sockets, the kprobe "
-                            "the rest (no socket, TIME_WAIT); reasons inferred"))
-        else:
-            out.append(Hook("sent", "tracepoint tcp:tcp_send_reset", True,
-                            "no reason field (pre-6.10 layout) and no kprobes: resets without a full socket "
-                            "(closed port, TIME_WAIT) are NOT traced (the kernel's OutRsts still counts them); "
-                            "reasons inferred"))
+        return s is not None and bool(_addr_layout(s)) and s.has("skaddr") and s.has("skbaddr")
+
+    @property
+    def receive_reset_usable(self) -> bool:
         r = self.receive_reset
-        out.append(Hook("received", "tracepoint tcp:tcp_receive_reset", r is not None,
-                        "a local abort on data (FIN_WAIT1/2 after shutdown) that fires it is taken back and "
-                        "reported as sent (TCP_ABORT_ON_DATA)" if r is not None else
-                        "not in this kernel (needs 4.15+)"))
-        if self.kfree_rx_sk:
-            out.append(Hook("received", "tracepoint skb:kfree_skb reason NOT_SPECIFIED, rx_sk a listener, RST",
-                            True, "RSTs that hit a request socket (SYN_RECV), state TCP_SYN_RECV"))
-        else:
-            out.append(Hook("received", "kernel counters TcpExt EmbryonicRsts (per netns, polled)", True,
-                            "kfree_skb has no rx_sk (6.11+): RSTs that hit a request socket are EmbryonicRsts "
-                            "minus the embryonic resets sent (INVALID_SYN); counter-derived"))
-        if self.kfree_cookie_overflow:
-            out.append(Hook("listen_overflow_ack", "tracepoint skb:kfree_skb reason NO_SOCKET, rx_sk a listener "
-                            "with a full accept queue", True, "final ACKs with a valid SYN cookie (syncookie: true)"))
-        if self.listen_overflow_reason is not None:
-            out.append(Hook("listen_overflow_ack", "tracepoint skb:kfree_skb reason TCP_LISTEN_OVERFLOW", True, ""))
-        elif self.kp_syn_recv:
-            out.append(Hook("listen_overflow_ack", "kprobe tcp_v4/v6_syn_recv_sock (accept queue full on entry)",
-                            True, "no TCP_LISTEN_OVERFLOW drop reason in this kernel"))
-        else:
-            why = "skb:kfree_skb has no TCP_LISTEN_OVERFLOW (6.15+) and no kprobe is possible"
-            out.append(Hook("listen_overflow_ack", "kernel counters TcpExt ListenOverflows (per netns, polled)",
-                            True, why + ": counted with the SYN overflows, marked includes_ack"))
-        if self.kp_conn_request:
-            out.append(Hook("listen_overflow_syn", "kprobe tcp_conn_request (accept queue full on entry)", True,
-                            "the remainder of ListenOverflows, if any, is reported counter-derived"))
-        else:
-            out.append(Hook("listen_overflow_syn", "kernel counters TcpExt ListenOverflows (per netns, polled)",
-                            True, "no tracepoint fires for it and no kprobe is possible; counter-derived"))
-        out.append(Hook("syn_queue_overflow",
-                        "kernel counters TcpExt TCPReqQFullDrop/TCPReqQFullDoCookies (per netns, polled)", True,
-                        "tcp_syn_flood_action is static (often inlined) and has no tracepoint; counter-derived, "
-                        "the flooded listener named from its request sockets (sock_diag)"))
-        out.append(Hook("listen_drop", "kernel counters TcpExt ListenDrops (per netns, polled)", True,
-                        "SYNs a listener dropped that neither ListenOverflows nor TCPReqQFullDrop counts (the SYN "
-                        "backlog three-quarters full with syncookies off, no route back); counter-derived"))
-        return out
+        return r is not None and bool(_addr_layout(r)) and r.has("skaddr")
 
     def macros(self) -> Dict[str, str]:
         """#defines the BPF program is built with (see bpf/rsttrace.bpf.c)."""
@@ -291,9 +240,9 @@ class KernelFacts:
         for name in ("TCP_TIME_WAIT", "TCP_NEW_SYN_RECV", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2"):
             v = next((k for k, n in self.tcp_states.items() if n == name), None)
             m["RSTTRACE_" + name] = str(v if v is not None else 0xFFFF)
+        m.update(hook_macros(self))  # HAVE_* of the hook table's rows, RAW_* where raw
         s = self.send_reset
-        if s is not None and _addr_layout(s) and s.has("skaddr") and s.has("skbaddr"):
-            m["HAVE_TP_SEND_RESET"] = "1"
+        if s is not None and self.send_reset_usable:
             if s.has("reason"):
                 m["SEND_HAS_REASON"] = "1"
             if s.has("state"):
@@ -303,16 +252,13 @@ class KernelFacts:
             elif s.has("family"):
                 m["SEND_HAS_FAMILY"] = "1"
         r = self.receive_reset
-        if r is not None and _addr_layout(r) and r.has("skaddr"):
-            m["HAVE_TP_RECEIVE_RESET"] = "1"
+        if r is not None and self.receive_reset_usable:
             if _addr_layout(r) == "sockaddr":
                 m["RECV_ADDR_SOCKADDR"] = "1"
             elif r.has("family"):
                 m["RECV_HAS_FAMILY"] = "1"
             if r.has("sock_cookie"):
                 m["RECV_HAS_COOKIE"] = "1"
-        if self.kfree_skb_hook:
-            m["HAVE_TP_KFREE_SKB"] = "1"
         if self.listen_overflow_reason is not None:
             m["HAVE_TP_LISTEN_OVERFLOW_ACK"] = "1"
             m["DROP_REASON_LISTEN_OVERFLOW"] = str(self.listen_overflow_reason)
@@ -322,23 +268,8 @@ class KernelFacts:
             m["DROP_REASON_NO_SOCKET"] = str(self.drop_reason("NO_SOCKET"))
             if self.kfree_cookie_overflow:
                 m["KFREE_COOKIE_OVERFLOW"] = "1"
-        if self.kp_send_reset:
-            m["HAVE_KP_SEND_RESET"] = "1"
-        if self.kp_syn_recv:
-            m["HAVE_KP_SYN_RECV"] = "1"
-        if self.kp_conn_request:
-            m["HAVE_KP_CONN_REQUEST"] = "1"
         if self.ringbuf:
             m["RSTTRACE_RINGBUF"] = "1"
-        raw_macro = {"tcp_send_reset": ("HAVE_TP_SEND_RESET", "RAW_SEND_RESET"),
-                     "tcp_receive_reset": ("HAVE_TP_RECEIVE_RESET", "RAW_RECEIVE_RESET"),
-                     "kfree_skb": ("HAVE_TP_KFREE_SKB", "RAW_KFREE_SKB")}
-        for tp, (have, raw) in raw_macro.items():
-            roles = self.raw_args(tp)
-            if have in m and roles:
-                m[raw] = "1"
-                for role, index in roles.items():
-                    m["%s_%s" % (raw, role)] = str(index)
         skc = self.skc_read_len()
         if skc is not None:
             m["RSTTRACE_SKC_LEN"] = str(skc)

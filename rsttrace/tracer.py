@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from . import codegen
+from . import codegen, hooks
 from . import contract as c
 from .bccload import BccMissing, bcc_version, captured_output, import_bcc, kernel_headers
 from .kernel import KernelFacts
@@ -170,26 +170,8 @@ class Tracer:
             raise
 
     def plan(self) -> List[Tuple[str, str, str]]:
-        """(program, hook, the macro that says this kernel gets it)."""
-        f = self.facts
-        m = self.macros()
-
-        def tp(name: str, raw_macro: str) -> str:
-            return ("raw_tracepoint " if raw_macro in m else "tracepoint ") + name
-
-        out = [
-            ("rsttrace_send_reset", tp("tcp:tcp_send_reset", "RAW_SEND_RESET"), "HAVE_TP_SEND_RESET"),
-            ("rsttrace_receive_reset", tp("tcp:tcp_receive_reset", "RAW_RECEIVE_RESET"), "HAVE_TP_RECEIVE_RESET"),
-            ("rsttrace_kfree_skb", tp("skb:kfree_skb", "RAW_KFREE_SKB"), "HAVE_TP_KFREE_SKB"),
-            ("rsttrace_kp_send_reset", "kprobe tcp_v4_send_reset", "HAVE_KP_SEND_RESET"),
-            ("rsttrace_kp_syn_recv", "kprobe tcp_v4_syn_recv_sock", "HAVE_KP_SYN_RECV"),
-            ("rsttrace_kp_conn_request", "kprobe tcp_conn_request", "HAVE_KP_CONN_REQUEST"),
-        ]
-        if f.kprobe_ok("tcp_v6_send_reset"):
-            out.append(("rsttrace_kp_send_reset", "kprobe tcp_v6_send_reset", "HAVE_KP_SEND_RESET"))
-        if f.kprobe_ok("tcp_v6_syn_recv_sock"):
-            out.append(("rsttrace_kp_syn_recv6", "kprobe tcp_v6_syn_recv_sock", "HAVE_KP_SYN_RECV"))
-        return out
+        """(program, hook, the macro that says this kernel gets it): the hook table's rows."""
+        return hooks.plan(self.facts, self.macros())
 
     def _attach(self, hook: str, fn: str) -> None:
         kind, _, target = hook.partition(" ")

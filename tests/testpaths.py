@@ -16,4 +16,5 @@ KERNEL_ROOTS = {
     "6.8": os.path.join(KERNEL_DESCRIPTIONS, "6.8-like"),
     "6.12": os.path.join(KERNEL_FORMATS, "6.12.107+deb13-amd64"),
     "6.18": os.path.join(KERNEL_FORMATS, "6.18.44-fc-v657"),
+    "7.2": os.path.join(KERNEL_FORMATS, "7.2.13+deb14-amd64"),
 }

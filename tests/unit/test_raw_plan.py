@@ -43,6 +43,7 @@ EXPECTED = {
     # and cookie-path overflows are seen at kfree_skb
     "6.12": ((0, 1, 2), True),
     "6.18": ((0, 1, 2), True),
+    "7.2": ((0, 1, 2), True),
 }
 
 

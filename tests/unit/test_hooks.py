@@ -38,6 +38,7 @@ EXPECTED = {
     "6.1": (True, "kprobe tcp_v4_syn_recv_sock", "kprobe tcp_conn_request"),
     "6.8": (True, "kprobe tcp_v4_syn_recv_sock", "kprobe tcp_conn_request"),
     "6.12": (False, "kprobe tcp_v4_syn_recv_sock", "kprobe tcp_conn_request"),
+    "6.12-cloud": (False, "kprobe tcp_v4_syn_recv_sock", "kprobe tcp_conn_request"),
     "6.18": (False, "tracepoint skb:kfree_skb", None),  # no kprobes on this node type
     "7.2": (False, "tracepoint skb:kfree_skb", "kprobe tcp_conn_request"),  # Debian unstable
 }

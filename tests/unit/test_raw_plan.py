@@ -42,6 +42,7 @@ EXPECTED = {
     # no TCP_LISTEN_OVERFLOW drop reason before 6.15, but rx_sk (6.11+): RSTs on request sockets
     # and cookie-path overflows are seen at kfree_skb
     "6.12": ((0, 1, 2), True),
+    "6.12-cloud": ((0, 1, 2), True),
     "6.18": ((0, 1, 2), True),
     "7.2": ((0, 1, 2), True),
 }

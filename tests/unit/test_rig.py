@@ -165,6 +165,18 @@ def test_input_tar_layout(tmp_path: Path) -> None:
         assert env is not None and env.read() == b"export A=1\n"
 
 
+def test_attach_dir_goes_to_rig_attach(tmp_path: Path) -> None:
+    project, attach = tmp_path / "proj", tmp_path / "att"
+    project.mkdir()
+    (attach / "wheels").mkdir(parents=True)
+    (attach / "wheels/x-1-py3-none-any.whl").write_bytes(b"zip")
+    shared = tmp_path / "project.tar"
+    riglib.write_project_tar(shared, project, [], ["true"], attach)
+    with tarfile.open(shared) as tf:
+        member = tf.getmember("attach/wheels/x-1-py3-none-any.whl")
+        assert member.uid == 0 and member.uname == "root"
+
+
 def _result_disk(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
     with tarfile.open(path, "w") as tf:
         for name, data in members:

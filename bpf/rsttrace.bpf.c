@@ -159,7 +159,7 @@ static __always_inline void net_ident(const void *net, struct rsttrace_event *e)
 #if OFF_NET_INUM >= 0
 	if (!net)
 		return;
-#if OFF_NET_NS_ID >= 0 && OFF_NET_NS_ID > OFF_NET_INUM && OFF_NET_NS_ID - OFF_NET_INUM <= 8
+#ifdef NETNS_GEN_NS_ID /* KernelFacts.netns_gen: ns_id within 8 bytes after inum */
 	{
 		u8 b[16];
 		u64 id = 0;
@@ -170,7 +170,7 @@ static __always_inline void net_ident(const void *net, struct rsttrace_event *e)
 	}
 #else
 	bpf_probe_read_kernel(&e->netns, sizeof(e->netns), (const char *)net + OFF_NET_INUM);
-#if OFF_NET_COOKIE >= 0
+#ifdef NETNS_GEN_COOKIE
 	{
 		u64 cookie = 0;
 		bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)net + OFF_NET_COOKIE);

@@ -163,6 +163,19 @@ class KernelFacts:
             self.drop_reason(n) is not None for n in ("NOT_SPECIFIED", "NO_SOCKET"))
 
     @property
+    def netns_gen(self) -> Optional[str]:
+        """The never-reused namespace id the programs key counters by, beside the inode the kernel
+        recycles: "ns_id" (ns_common.ns_id, 6.18+, within 8 bytes after inum: one read takes
+        both), "net_cookie" (5.12+), or None. User space asks a namespace the same id
+        (NS_GET_ID, SO_NETNS_COOKIE) to tell which generation of an inode is live."""
+        inum = self.offsets.get("OFF_NET_INUM", -1)
+        if inum < 0:
+            return None
+        if 0 < self.offsets.get("OFF_NET_NS_ID", -1) - inum <= 8:
+            return "ns_id"
+        return "net_cookie" if self.offsets.get("OFF_NET_COOKIE", -1) >= 0 else None
+
+    @property
     def kfree_cookie_overflow(self) -> bool:
         """Cookie-path final-ACK overflows at kfree_skb (NO_SOCKET, a listener with a full accept
         queue), unless the syn_recv_sock kprobe already counts them (it sees the cookie path too)."""
@@ -270,6 +283,11 @@ class KernelFacts:
                 m["KFREE_COOKIE_OVERFLOW"] = "1"
         if self.ringbuf:
             m["RSTTRACE_RINGBUF"] = "1"
+        gen = self.netns_gen
+        if gen == "ns_id":
+            m["NETNS_GEN_NS_ID"] = "1"
+        elif gen == "net_cookie":
+            m["NETNS_GEN_COOKIE"] = "1"
         skc = self.skc_read_len()
         if skc is not None:
             m["RSTTRACE_SKC_LEN"] = str(skc)

@@ -69,24 +69,31 @@ class OverflowTotals:
         return out
 
 
-def _read_watched(net_dir: str) -> Dict[str, int]:
-    ext = procnet.read(net_dir).get("TcpExt", {})
-    out = {name: ext.get(name, 0) for name in WATCHED}
-    if net_dir == "/proc/thread-self/net":  # entered with setns: ask the namespace its ids
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                out["_cookie"] = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-        except OSError:
-            pass  # before 5.14
-        try:
+def _namespace_id(how: str) -> int:
+    """The calling thread's namespace's never-reused id, as KernelFacts.netns_gen names it; 0
+    where this kernel cannot say (NS_GET_ID is 6.18+, SO_NETNS_COOKIE 5.14+)."""
+    try:
+        if how == "ns_id":
             fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
             try:
-                out["_ns_id"] = struct.unpack("=Q", fcntl.ioctl(fd, NS_GET_ID, b"\0" * 8))[0]
+                return int(struct.unpack("=Q", fcntl.ioctl(fd, NS_GET_ID, b"\0" * 8))[0])
             finally:
                 os.close(fd)
-        except OSError:
-            pass  # before 6.18 (ENOTTY)
-    return out
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return 0
+
+
+def _reader(netns_id: Optional[str]) -> Callable[[str], Dict[str, int]]:
+    def read(net_dir: str) -> Dict[str, int]:
+        ext = procnet.read(net_dir).get("TcpExt", {})
+        out = {name: ext.get(name, 0) for name in WATCHED}
+        if netns_id and net_dir == "/proc/thread-self/net":  # entered with setns: ask its id too
+            out["_id"] = _namespace_id(netns_id)
+        return out
+
+    return read
 
 
 class OverflowPoller:
@@ -111,9 +118,11 @@ class OverflowPoller:
         clock: Optional[Clock] = None,
         overflows_traced: bool = True,
         tcp_syn_recv_state: Optional[int] = None,
+        netns_id: Optional[str] = None,
     ) -> None:
         self.tcp_listen = tcp_listen_state
         self.tcp_syn_recv = tcp_syn_recv_state
+        self._read = _reader(netns_id)  # netns_id: KernelFacts.netns_gen
         self.traced = traced
         self.only_netns = only_netns
         self.includes_ack = includes_ack
@@ -136,8 +145,7 @@ class OverflowPoller:
         self.discovered = False  # the last poll could list the namespaces
         self.settled = True  # the last poll held nothing back for a second reading
         self.live: Set[int] = set()  # namespaces found by the last poll
-        self.cookies: Dict[int, int] = {}  # their SO_NETNS_COOKIE, where setns let us ask
-        self.ns_ids: Dict[int, int] = {}  # their ns_id (NS_GET_ID, 6.18+), likewise
+        self.ids: Dict[int, int] = {}  # their never-reused ids, where setns let us ask (netns_id)
         self.gone: Set[int] = set()  # inodes whose namespace died or was replaced; the Session takes them
         self.totals = OverflowTotals()
         self.errors: List[str] = []
@@ -180,7 +188,7 @@ class OverflowPoller:
         if self.only_netns is not None:
             refs = {k: v for k, v in refs.items() if k == self.only_netns}
         traced = self.traced()  # before the counters: see the race note on self.base
-        readings = nsmod.read_each(refs, _read_watched)
+        readings = nsmod.read_each(refs, self._read)
         out: List[Event] = []
         now = time.monotonic_ns()
         settled = True
@@ -190,8 +198,8 @@ class OverflowPoller:
             last = self.last.get(ino)
             self.last[ino] = cur
             if last is not None and (any(cur[n] < last[n] for n in WATCHED)
-                                     or last.get("_cookie", 0) != cur.get("_cookie", 0)):
-                # Another namespace has this inode now (the kernel recycles them): its cookie
+                                     or last.get("_id", 0) != cur.get("_id", 0)):
+                # Another namespace has this inode now (the kernel recycles them): its id
                 # differs, or its counters went down, between two polls.
                 self._forget(ino)
                 self.traced_seen.pop(ino, None)  # its BPF counts are a new namespace's: from zero
@@ -245,8 +253,7 @@ class OverflowPoller:
                 else:
                     out.append(self._event(name, n, ino, now, floods, False))
         self.live = set(refs)
-        self.cookies = {ino: r["_cookie"] for ino, r in readings.items() if r.get("_cookie")}
-        self.ns_ids = {ino: r["_ns_id"] for ino, r in readings.items() if r.get("_ns_id")}
+        self.ids = {ino: r["_id"] for ino, r in readings.items() if r.get("_id")}
         for ino in list(self.base):
             if ino not in refs:  # the namespace is gone (a failed read alone proves nothing)
                 self._forget(ino)

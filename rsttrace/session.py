@@ -64,12 +64,9 @@ class Session:
             # proc_root: in a pod, the host's /proc mounted elsewhere, so every pod's namespace is seen
             self.poller = OverflowPoller(facts.tcp_listen, self._traced, only_netns=options.netns,
                                          includes_ack=not ack_traced, clock=self.clock, proc_root=proc_root,
-                                         overflows_traced=overflows_traced, tcp_syn_recv_state=syn_recv)
-        self._generations = "OFF_NET_NS_ID" in facts.offsets or "OFF_NET_COOKIE" in facts.offsets
-        # which id the programs key by (bpf/rsttrace.bpf.c net_ident: ns_id when it sits within 8
-        # bytes after inum, else net_cookie), so the poller's reading of the same id is compared
-        rel = facts.offsets.get("OFF_NET_NS_ID", -1) - facts.offsets.get("OFF_NET_INUM", 0)
-        self._gen_is_ns_id = "OFF_NET_NS_ID" in facts.offsets and 0 < rel <= 8
+                                         overflows_traced=overflows_traced, tcp_syn_recv_state=syn_recv,
+                                         netns_id=facts.netns_gen)
+        self._generations = facts.netns_gen is not None
         self._invalid_syn = next((v for v, n in facts.rst_reasons.items() if n == "INVALID_SYN"), None)
         self.delivered = 0
         self.last_loop = time.monotonic()
@@ -79,6 +76,7 @@ class Session:
         self.retired: Dict[CountKey, int] = {}
         self._missing: Dict[int, int] = {}  # netns in the counter map but not alive: polls missed
         self._reads_at_poll = 0  # tracer.reads when prune() last ran
+        self._snapshot: Dict[Tuple[int, Optional[int], int, int, int, int, int], int] = {}  # poll_overflows()
         # received events in FIN_WAIT1/2 wait here for a poll: the send event of a local abort
         # on data (local_abort: true) that follows takes them back (see deliver()).
         self._held: List[Tuple[int, Event]] = []
@@ -88,6 +86,7 @@ class Session:
     def start(self) -> None:
         self.tracer.start(self._on_raw if self.options.events else None)
         if self.poller is not None:
+            self._snapshot = self.tracer.counters()
             self.poller.poll()  # baseline of every namespace's counters
 
     def close(self) -> None:
@@ -180,6 +179,9 @@ class Session:
         if self.poller is None:
             return []
         with self._lock:
+            # one read of the counter map serves the poller (what was traced) and prune() (which
+            # namespaces have counts): before the kernel's counters, see OverflowPoller.base
+            self._snapshot = self.tracer.counters()
             evs = self.poller.poll()
             self.prune()
         for ev in evs:
@@ -192,7 +194,7 @@ class Session:
         (overflow.Traced): listen overflows, and the resets EmbryonicRsts counts."""
         out: Dict[int, Dict[str, int]] = {}
         listen = self.facts.tcp_listen
-        for (kind, reason, state, _f, netns, _p, flags), n in self.tracer.counters().items():
+        for (kind, reason, state, _f, netns, _p, flags), n in self._snapshot.items():
             if kind in (c.KIND_LISTEN_OVERFLOW_ACK, c.KIND_LISTEN_OVERFLOW_SYN):
                 name = "ListenOverflows"
             elif kind == c.KIND_RECEIVED and flags & c.F_REQUEST_SOCK:
@@ -223,7 +225,7 @@ class Session:
             return  # a poll that could not list namespaces says nothing about who is gone
         gone = self.poller.take_gone()
         live = self.poller.live
-        inodes = {k[4] for k in self.tracer.counters() if k[4]}
+        inodes = {k[4] for k in self._snapshot if k[4]}
         for ino in inodes - live:
             self._missing[ino] = self._missing.get(ino, 0) + 1
             if self._missing[ino] >= 2:
@@ -236,19 +238,14 @@ class Session:
         # namespace's counts are an older generation, which retire_netns() always takes, and
         # its own stay; without them (before 5.12) the inode's counts go, the new one's first
         # moments with them.
-        dead = gone - live if self._generations else gone
-        retired = self.tracer.retire_netns(dead)
         if self._generations:
             # Every live namespace's own generation, where the poller could ask it (setns): any
-            # other generation of its inode is a predecessor's.
-            ids = self.poller.ns_ids if self._gen_is_ns_id else self.poller.cookies
-            known = {ino: v & 0xFFFFFFFF for ino, v in ids.items() if ino in live}
-            for raw, n in self.tracer.retire_other_generations(known).items():
-                retired[raw] = retired.get(raw, 0) + n
-            # alive, own id unknown (no setns): older generations seen before the previous poll
-            # are predecessors'
-            for raw, n in self.tracer.retire_generations(live - set(known), self._reads_at_poll).items():
-                retired[raw] = retired.get(raw, 0) + n
+            # other generation of its inode is a predecessor's. Where it could not, older
+            # generations already seen at the previous poll are.
+            known = {ino: v & 0xFFFFFFFF for ino, v in self.poller.ids.items() if ino in live}
+            retired = self.tracer.retire(gone - live, known, live - set(known), self._reads_at_poll)
+        else:
+            retired = self.tracer.retire(gone, {}, set(), 0)
         self._reads_at_poll = self.tracer.reads
         for key, n in self._name_counts(retired).items():
             k = CountKey(key.kind, key.reason, key.reason_source, key.state, key.family, None, key.port)

@@ -62,7 +62,7 @@ class Tracer:
     # inode -> {namespace generation: the read it was first seen in} (see _newest_generations)
     _gen_order: Dict[int, Dict[int, int]] = field(default_factory=dict)
     _reads: int = 0
-    live_generations: Dict[int, int] = field(default_factory=dict)  # see retire_other_generations
+    live_generations: Dict[int, int] = field(default_factory=dict)  # see retire()
 
     def __post_init__(self) -> None:
         self.ringbuf = self.facts.ringbuf and not self.options.force_perf
@@ -241,7 +241,7 @@ class Tracer:
         for k, total in items:
             reason = None if k.reason == c.REASON_NONE else int(k.reason)
             # An older generation of an inode is a namespace that is gone (its inode went to a
-            # newer one): netns 0 until retire_stale() folds it away.
+            # newer one): netns 0 until retire() folds it away.
             netns = int(k.netns) if int(k.netns_gen) == newest.get(int(k.netns), int(k.netns_gen)) else 0
             key: CounterTuple = (
                 int(k.kind), reason, int(k.state), int(k.family), netns, int(k.port), int(k.flags)
@@ -277,36 +277,33 @@ class Tracer:
         out.update((ino, gen) for ino, gen in self.live_generations.items() if gen in self._gen_order.get(ino, ()))
         return out
 
-    def retire_other_generations(self, live: Dict[int, int]) -> Dict[CounterTuple, int]:
-        """``live``: inode -> the generation of the namespace that has it now (the low 32 bits of
-        its SO_NETNS_COOKIE, which is the id the programs read: net_cookie, or ns_id on 6.18 where
-        the two are one). Delete every other generation of those inodes, return what they held."""
+    def retire(self, dead: Set[int], live_ids: Dict[int, int], unknown: Set[int], seen_by: int
+               ) -> Dict[CounterTuple, int]:
+        """Delete, in one pass over the counter map, the counters of namespaces that are gone and
+        return what they held, so a caller can keep totals monotonic:
+
+        - every key of an inode in ``dead`` (no namespace has it now);
+        - every generation of an inode in ``live_ids`` but the live namespace's own (its id,
+          read by the poller: KernelFacts.netns_gen says which);
+        - for inodes in ``unknown`` (alive, own id not known: no setns), every generation but
+          the newest that was already seen by read ``seen_by`` (a predecessor's).
+        """
         out: Dict[CounterTuple, int] = {}
         with self._lock:
-            self.live_generations = dict(live)
+            self.live_generations = dict(live_ids)
             if self.bpf is None:
                 return out
             table = self.bpf[b"counters"]
-            for k in [k for k, _v in table.items()]:
-                ino, gen = int(k.netns), int(k.netns_gen)
-                if ino in live and gen and gen != live[ino]:
-                    self._take(table, k, out)
-        return out
-
-    def retire_generations(self, inodes: Set[int], seen_by: int) -> Dict[CounterTuple, int]:
-        """Where a live namespace's own id is unknown (no setns): delete the counters of every
-        generation of these inodes but the newest that was already seen by read ``seen_by`` (a
-        predecessor's), and return what was deleted."""
-        out: Dict[CounterTuple, int] = {}
-        with self._lock:
-            if self.bpf is None or not inodes:
-                return out
-            table = self.bpf[b"counters"]
-            keys = [k for k, _v in table.items()]
-            newest = self._newest_generations(keys)
+            keys = list(table.keys())
+            newest = self._newest_generations(keys) if unknown else {}
             for k in keys:
                 ino, gen = int(k.netns), int(k.netns_gen)
-                if ino not in inodes or gen == newest.get(ino) or self._gen_order.get(ino, {}).get(
+                if ino in dead:
+                    pass
+                elif ino in live_ids:
+                    if not gen or gen == live_ids[ino]:
+                        continue
+                elif ino not in unknown or gen == newest.get(ino) or self._gen_order.get(ino, {}).get(
                         gen, seen_by + 1) > seen_by:
                     continue
                 self._take(table, k, out)
@@ -330,20 +327,6 @@ class Tracer:
     def reads(self) -> int:
         """How many times the counters were read: generations are ordered by it."""
         return self._reads
-
-    def retire_netns(self, inodes: Set[int]) -> Dict[CounterTuple, int]:
-        """Delete the counters of these namespaces (gone, or their inode handed to a new one) and
-        return what they held, so a caller can keep totals monotonic. The kernel reuses a freed
-        namespace's inode number at once: without this a new pod would inherit a dead one's
-        counts, and a node with pod churn would fill the map with history."""
-        out: Dict[CounterTuple, int] = {}
-        with self._lock:
-            if self.bpf is None:
-                return out
-            table = self.bpf[b"counters"]
-            for k in [k for k, _v in table.items() if int(k.netns) in inodes]:
-                self._take(table, k, out)
-        return out
 
     def stats(self) -> Dict[str, int]:
         # lost_user: events dropped after reaching user space. No stage drops any today (the

@@ -90,3 +90,17 @@ def test_program_text_is_self_contained() -> None:
     text = codegen.program(facts_for("6.18.44-fc-v657"))
     assert '#include "rsttrace.h"' not in text and "struct rsttrace_event {" in text
     assert "#define OFF_SK_NET -1" in text  # no BTF given: every offset unknown, reads compiled out
+
+
+def test_netns_generation_follows_btf_layout() -> None:
+    """The id counters are keyed by, beside the recycled inode: ns_id where one read takes it with
+    inum (6.18: inum at 176, ns_id at 184), else net_cookie, else none; the C and the poller both
+    follow KernelFacts.netns_gen."""
+    f = facts_for("6.18.44-fc-v657")
+    assert f.netns_gen is None and "NETNS_GEN_NS_ID" not in f.macros()  # no BTF given
+    f.offsets.update({"OFF_NET_INUM": 176, "OFF_NET_NS_ID": 184, "OFF_NET_COOKIE": 4160})
+    assert f.netns_gen == "ns_id" and f.macros()["NETNS_GEN_NS_ID"] == "1"
+    f.offsets["OFF_NET_NS_ID"] = 600  # elsewhere in struct net: a second read would be needed
+    assert f.netns_gen == "net_cookie" and "NETNS_GEN_COOKIE" in f.macros()
+    del f.offsets["OFF_NET_NS_ID"], f.offsets["OFF_NET_COOKIE"]
+    assert f.netns_gen is None

@@ -826,9 +826,6 @@ static __always_inline int listener_drop(void *ctx, const void *sk, const void *
 	if (sk_state(sk) != RSTTRACE_TCP_LISTEN)
 		return 0;
 	if (reason == DROP_REASON_NO_SOCKET) {
-#ifndef KFREE_COOKIE_OVERFLOW
-		return 0; /* the syn_recv_sock kprobe counts these already */
-#endif
 #if OFF_SK_ACK_BACKLOG >= 0 && OFF_SK_MAX_ACK_BACKLOG >= 0
 		bpf_probe_read_kernel(&backlog, sizeof(backlog), (const char *)sk + OFF_SK_ACK_BACKLOG);
 		bpf_probe_read_kernel(&max_backlog, sizeof(max_backlog), (const char *)sk + OFF_SK_MAX_ACK_BACKLOG);
@@ -861,8 +858,14 @@ static __always_inline int kfree_skb(void *ctx, const void *skb, u32 reason, con
 		return listen_overflow(ctx, rx_sk, skb, reason, 0);
 #endif
 #ifdef KFREE_HAS_RX_SK
-	/* kfree_skb fires for every dropped packet: two compares and a NULL test, then leave. */
+	/* kfree_skb fires for every dropped packet: a compare or two and a NULL test, then leave.
+	 * NO_SOCKET only where no syn_recv_sock kprobe counts cookie-path overflows already
+	 * (KernelFacts.kfree_cookie_overflow): a closed-port storm is all NO_SOCKET drops. */
+#ifdef KFREE_COOKIE_OVERFLOW
 	if ((reason == DROP_REASON_NOT_SPECIFIED || reason == DROP_REASON_NO_SOCKET) && rx_sk)
+#else
+	if (reason == DROP_REASON_NOT_SPECIFIED && rx_sk)
+#endif
 		return listener_drop(ctx, rx_sk, skb, reason);
 #endif
 	return 0;

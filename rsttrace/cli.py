@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__, argcheck, doctor, log, names, output
 from .attribution import event_attributor, metric_labeler
+from .contract import KIND_BY_NAME
 from .enrich import Enricher
 from .events import Event
 from .exporter import DEFAULT_PORT
@@ -79,14 +80,22 @@ def _say(b: Tuple[float, float], unit: str = "") -> str:
 
 def _common_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", action="append", metavar="KIND",
-                   help="sent, received, listen_overflow_syn, listen_overflow_ack, syn_queue_overflow "
-                        "(comma list or repeated)")
+                   help="%s (comma list or repeated)" % ", ".join(KIND_BY_NAME))
     p.add_argument("--netns", type=argcheck.netns_inode, metavar="INODE",
                    help="only this network namespace, which must exist: its inode number (1 to %d) or net:[N] as "
                         "readlink prints it" % argcheck.NETNS_MAX)
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
+
+
+def _session_args(p: argparse.ArgumentParser) -> None:
+    """What trace and export both tune: the counter poll and the event buffer."""
+    p.add_argument("--overflow-interval", type=_seconds(OVERFLOW_INTERVAL), default=1.0, metavar="SECONDS",
+                   help="how often counter-derived overflows are checked (%s, default 1)"
+                        % _say(OVERFLOW_INTERVAL, "s"))
+    p.add_argument("--ring-pages", type=argcheck.integer(*RING_PAGES, power_of_two=True), default=64, metavar="N",
+                   help="ring buffer size in pages (a power of 2, %s, default 64)" % _say(RING_PAGES))
 
 
 def _hook_args(p: argparse.ArgumentParser) -> None:
@@ -146,11 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--count", type=argcheck.integer(*COUNT), metavar="N",
                    help="stop after N events (%s)" % _say(COUNT))
     t.add_argument("--log-events", action="store_true", help="also log each event as a structlog line (stderr)")
-    t.add_argument("--overflow-interval", type=_seconds(OVERFLOW_INTERVAL), default=1.0, metavar="SECONDS",
-                   help="how often counter-derived overflows are checked (%s, default 1)"
-                        % _say(OVERFLOW_INTERVAL, "s"))
-    t.add_argument("--ring-pages", type=argcheck.integer(*RING_PAGES, power_of_two=True), default=64, metavar="N",
-                   help="ring buffer size in pages (a power of 2, %s, default 64)" % _say(RING_PAGES))
+    _session_args(t)
     rate = t.add_mutually_exclusive_group()
     rate.add_argument("--max-event-rate", type=argcheck.integer(*EVENT_RATE), default=1000, metavar="N",
                       help="at most about N events a second reach user space; the kernel counts and reports "
@@ -193,11 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         % _say(SERIES))
     e.add_argument("--netns-label", action="store_true",
                    help="add a netns label (the namespace inode) to the reset and overflow counters")
-    e.add_argument("--overflow-interval", type=_seconds(OVERFLOW_INTERVAL), default=1.0, metavar="SECONDS",
-                   help="how often counter-derived overflows are checked (%s, default 1)"
-                        % _say(OVERFLOW_INTERVAL, "s"))
-    e.add_argument("--ring-pages", type=argcheck.integer(*RING_PAGES, power_of_two=True), default=64, metavar="N",
-                   help="ring buffer size in pages (a power of 2, %s, default 64)" % _say(RING_PAGES))
+    _session_args(e)
     e.add_argument("--metric-pod-labels", action="store_true",
                    help="add namespace and pod labels to the reset and overflow counters (capped by --max-series)")
     _hook_args(e)
@@ -472,8 +473,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         host, port = parse_listen(args.listen)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    if args.log_rate < 0 or args.max_port_labels < 0 or args.max_series < 1:
-        raise UsageError("--log-rate and --max-port-labels take 0 or more, --max-series 1 or more")
     # Bound before bcc's compile: a taken port is said at once, and probes meanwhile get a 503
     # ("starting") rather than a refused connection.
     try:

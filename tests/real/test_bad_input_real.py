@@ -318,19 +318,14 @@ acc.close()  # unread data: the kernel aborts with a RST, in this process's clos
 
 
 def test_hostile_comm_is_escaped_in_human_output(ns: Netns) -> None:
-    from test_cli import wait_ready
+    from test_cli import run_rsttrace
 
-    proc = subprocess.Popen([PY, "-m", "rsttrace", "--log-format", "json", "trace", "--netns", str(ns.inode),
-                             "--reason", "tcp_abort_on_close", "--count", "1", "--duration", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(proc)
-        subprocess.run(["ip", "netns", "exec", ns.name, PY, "-c", ABORT_AS, HOSTILE_COMM], check=True, timeout=30)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    rc, out, err, _ = run_rsttrace(
+        ("--log-format", "json", "trace", "--netns", str(ns.inode), "--reason", "tcp_abort_on_close", "--count", "1",
+         "--duration", "60"),
+        lambda _proc: subprocess.run(["ip", "netns", "exec", ns.name, PY, "-c", ABORT_AS, HOSTILE_COMM],
+                                     check=True, timeout=30))
+    assert rc == 0, err
     lines = out.splitlines()
     assert len(lines) == 2 and "TCP_ABORT_ON_CLOSE" in lines[1], out
     assert lines[1].endswith("/\\x1b[31mEVIL\\x0d\\x07"), repr(lines[1])  # what the process called itself

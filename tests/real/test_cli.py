@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from netlab import Netns, closed_port, connect_refused, delta, overflow_accept_queue
 from realkernel import require_real_kernel
@@ -61,6 +61,27 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
 
 
 
+T = TypeVar("T")
+
+
+def run_rsttrace(args: Sequence[str], during: Callable[[subprocess.Popen[str]], T],
+                 stop: Optional[int] = None) -> Tuple[int, str, str, T]:
+    """`rsttrace ARGS` as a user runs it: started, waited for until attached, ``during(proc)``
+    done meanwhile, then (with ``stop``, that signal) read to its end; killed if it outlives
+    that. Returns (exit status, stdout, stderr, what ``during`` returned)."""
+    proc = subprocess.Popen(rsttrace(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(proc)
+        value = during(proc)
+        if stop is not None:
+            proc.send_signal(stop)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err, value
+
+
 def test_trace_json_contract_and_counts(ns: Netns) -> None:
     proc = subprocess.Popen(
         rsttrace("--log-format", "json", "trace", "--json", "--netns", str(ns.inode), "--count", "6",
@@ -95,21 +116,16 @@ def test_trace_json_contract_and_counts(ns: Netns) -> None:
 
 
 def test_human_lines_and_filters(ns: Netns) -> None:
-    proc = subprocess.Popen(
-        rsttrace("--log-format", "json", "trace", "--netns", str(ns.inode), "--kind", "sent", "-4", "--count", "1"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_ready(proc)
+    def resets(_proc: subprocess.Popen[str]) -> int:
         with ns.inside():
             connect_refused(socket.AF_INET6, "::1", closed_port(socket.AF_INET6, "::1"), 2)  # filtered out by -4
             port = closed_port(socket.AF_INET, "127.0.0.1")
             connect_refused(socket.AF_INET, "127.0.0.1", port, 1)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+        return port
+
+    rc, out, err, port = run_rsttrace(("--log-format", "json", "trace", "--netns", str(ns.inode), "--kind", "sent",
+                                       "-4", "--count", "1"), resets)
+    assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["TIME", "KIND", "REASON", "STATE"]
     assert len(lines) == 2
@@ -193,23 +209,16 @@ def test_not_root_exits_2_with_one_line() -> None:
 
 def test_overflow_interval_events_in_cli(ns: Netns) -> None:
     """The counter-derived kinds reach `trace --json` too, with their count and source."""
-    proc = subprocess.Popen(
-        rsttrace("trace", "--json", "--netns", str(ns.inode), "--kind", "listen_overflow_syn", "--count", "1",
-                 "--overflow-interval", "0.5", "--duration", "30"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    socks: List[socket.socket] = []
-    try:
-        wait_ready(proc)
+    def overflow(_proc: subprocess.Popen[str]) -> Tuple[int, List[socket.socket]]:
         with ns.inside():
-            port, socks = overflow_accept_queue("127.0.0.1", clients=5, backlog=1)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for s in socks:
-            s.close()
-    assert proc.returncode == 0, err
+            return overflow_accept_queue("127.0.0.1", clients=5, backlog=1)
+
+    rc, out, err, (port, socks) = run_rsttrace(
+        ("trace", "--json", "--netns", str(ns.inode), "--kind", "listen_overflow_syn", "--count", "1",
+         "--overflow-interval", "0.5", "--duration", "30"), overflow)
+    for s in socks:
+        s.close()
+    assert rc == 0, err
     e = json.loads(out.splitlines()[0])
     assert (e["kind"], e["source"], e["lport"]) == ("listen_overflow_syn", "counters", port)
     assert e["count"] >= 1

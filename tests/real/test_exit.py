@@ -11,12 +11,11 @@ import json
 import signal
 import socket
 import struct
-import subprocess
 import time
 from typing import List, Tuple
 
 from netlab import Netns, delta, overflow_accept_queue
-from test_cli import rsttrace, wait_ready
+from test_cli import run_rsttrace
 
 
 def _overflow_then_quiet(ns: Netns) -> Tuple[int, List[socket.socket]]:
@@ -36,16 +35,11 @@ def _overflow_then_quiet(ns: Netns) -> Tuple[int, List[socket.socket]]:
 
 
 def test_trace_reports_the_last_seconds_overflows(ns: Netns) -> None:
-    proc = subprocess.Popen(rsttrace("trace", "--json", "--netns", str(ns.inode), "--overflow-interval", "5"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(proc)
-        expected, keep = _overflow_then_quiet(ns)
-        proc.send_signal(signal.SIGTERM)  # well before the next 5 s poll
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    # SIGTERM well before the next 5 s poll
+    rc, out, err, (expected, keep) = run_rsttrace(
+        ("trace", "--json", "--netns", str(ns.inode), "--overflow-interval", "5"),
+        lambda _proc: _overflow_then_quiet(ns), stop=signal.SIGTERM)
+    assert rc == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     got = sum(e["count"] for e in events if e["kind"].startswith("listen_overflow"))
     assert got == expected, (events, err[-2000:])
@@ -53,16 +47,10 @@ def test_trace_reports_the_last_seconds_overflows(ns: Netns) -> None:
 
 
 def test_summary_last_interval_has_them(ns: Netns) -> None:
-    proc = subprocess.Popen(rsttrace("summary", "--json", "--interval", "60", "--netns", str(ns.inode)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(proc)
-        expected, keep = _overflow_then_quiet(ns)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    rc, out, err, (expected, keep) = run_rsttrace(
+        ("summary", "--json", "--interval", "60", "--netns", str(ns.inode)),
+        lambda _proc: _overflow_then_quiet(ns), stop=signal.SIGINT)
+    assert rc == 0, err
     last = json.loads(out.splitlines()[-1])
     got = sum(r["total"] for r in last["rows"] if r["kind"].startswith("listen_overflow"))
     assert got == expected, (last, err[-2000:])

@@ -15,41 +15,38 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .kernel import KernelFacts
 
-# name -> where it comes from (shown nowhere yet; says why the name exists)
-OWN_REASONS: Dict[str, str] = {
+_INFERRED = "inferred (kernel < 6.10)"
+_ERRNO = "the errno tcp_reset() gives the application, by state"
+_COUNTER = "TcpExt counter, per network namespace"
+
+# name -> (the kind that prints it, where it comes from), as `rsttrace reasons` lists them
+OWN_REASONS: Dict[str, Tuple[str, str]] = {
     # sent, inferred on kernels whose tcp_send_reset has no reason (< 6.10): events.infer_sent_reason
-    "NO_SOCKET": "sent, inferred (kernel < 6.10)",
-    "TCP_TIMEWAIT_SOCKET": "sent, inferred (kernel < 6.10)",
-    "TCP_ABORT_ON_CLOSE": "sent, inferred (kernel < 6.10)",
-    "NOT_SPECIFIED": "sent, inferred (kernel < 6.10)",
-    "INVALID_SYN": "sent, inferred (kernel < 6.10)",
-    "TCP_ABORT_ON_DATA": "sent, inferred (kernel < 6.10): a local abort on data after shutdown",
-    # received: the errno tcp_reset() hands the application (events.RECEIVED_ERRNO)
-    "ECONNREFUSED": "received, errno by state",
-    "ECONNRESET": "received, errno by state",
-    "EPIPE": "received, errno by state",
-    # counter-derived (TcpExt in /proc/net/netstat): overflow.py; also a kprobe-seen overflow
-    "ListenOverflows": "listen_overflow_syn, TcpExt counter (kprobe-seen overflows too)",
-    "TCPReqQFullDrop": "syn_queue_overflow, TcpExt counter",
-    "TCPReqQFullDoCookies": "syn_queue_overflow, TcpExt counter",
-    "ListenDrops": "listen_drop, TcpExt counter (drops no other counter names)",
-    "EmbryonicRsts": "received on a request socket (SYN_RECV): traced at kfree_skb, or the TcpExt counter",
+    "NO_SOCKET": ("sent", _INFERRED),
+    "TCP_TIMEWAIT_SOCKET": ("sent", _INFERRED),
+    "TCP_ABORT_ON_CLOSE": ("sent", _INFERRED),
+    "NOT_SPECIFIED": ("sent", _INFERRED),
+    "INVALID_SYN": ("sent", _INFERRED),
+    "TCP_ABORT_ON_DATA": ("sent", _INFERRED + ": a local abort on data after shutdown"),
+    # received: events.RECEIVED_ERRNO
+    "ECONNREFUSED": ("received", _ERRNO),
+    "ECONNRESET": ("received", _ERRNO),
+    "EPIPE": ("received", _ERRNO),
+    # counter-derived (TcpExt in /proc/net/netstat): overflow.DERIVED; also a kprobe-seen overflow
+    "ListenOverflows": ("listen_overflow_syn", _COUNTER + " (kprobe-seen overflows too)"),
+    "TCPReqQFullDrop": ("syn_queue_overflow", _COUNTER),
+    "TCPReqQFullDoCookies": ("syn_queue_overflow", _COUNTER),
+    "ListenDrops": ("listen_drop", _COUNTER + ": the drops no other counter names"),
+    "EmbryonicRsts": ("received", "a RST on a request socket (SYN_RECV): skb:kfree_skb (rx_sk), or the TcpExt "
+                                  "counter minus the INVALID_SYN resets sent"),
 }
 
 
 def own_reasons(facts: KernelFacts) -> Dict[str, Tuple[str, str]]:
-    """The names rsttrace gives itself on this kernel: name -> (kind, where it comes from), as
-    `rsttrace reasons` lists them. Inferred sent reasons only where tcp_send_reset has none."""
-    out: Dict[str, Tuple[str, str]] = {}
-    for name, where in OWN_REASONS.items():
-        kind = where.split(",")[0].split()[0]
-        if kind == "sent" and facts.send_has_reason:
-            continue
-        if kind == "received" and name == "EmbryonicRsts":
-            where = ("received on a request socket: skb:kfree_skb (rx_sk)" if facts.kfree_rx_sk
-                     else "received on a request socket: TcpExt EmbryonicRsts minus INVALID_SYN resets")
-        out[name] = (kind, where)
-    return out
+    """The names rsttrace gives itself on this kernel: name -> (kind, where it comes from).
+    Inferred sent reasons only where tcp_send_reset has none."""
+    return {name: (kind, where) for name, (kind, where) in OWN_REASONS.items()
+            if not (kind == "sent" and facts.send_has_reason)}
 
 
 # skb_drop_reason names the tracer reports (named from the kernel's kfree_skb table when it has them)

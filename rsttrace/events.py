@@ -32,12 +32,15 @@ RECEIVED_ERRNO = {"TCP_SYN_SENT": "ECONNREFUSED", "TCP_CLOSE_WAIT": "EPIPE", "TC
 
 OVERFLOW_KINDS = ("listen_overflow_syn", "listen_overflow_ack", "syn_queue_overflow", "listen_drop")
 
-def _f(doc: str, json: str = "always", raw: bool = False, default: Any = MISSING) -> Any:
-    meta = {"doc": doc, "json": json, "raw": raw}
+def _f(doc: str, json: str = "always", raw: bool = False, repeats: bool = False, default: Any = MISSING) -> Any:
+    """doc: the README's meaning; json: its rule (above); raw: copied from the record; repeats: takes
+    a few values over a whole stream (a kind, a reason), so its JSON text is cached with its
+    neighbours' (output.json_line)."""
+    meta = {"doc": doc, "json": json, "raw": raw, "repeats": repeats}
     if default is MISSING:
         return field(metadata=meta)
-    if isinstance(default, list):
-        return field(default_factory=list, metadata=meta)
+    if isinstance(default, (list, dict, set)):  # shared by every event the decoder builds: immutable only
+        raise TypeError("event field defaults must be immutable (a tuple, not a list)")
     return field(default=default, metadata=meta)
 
 
@@ -69,12 +72,14 @@ class Event:
     time: str = _f("wall clock, ISO 8601 UTC (`2026-11-21T22:26:17.425840Z`)")
     ktime_ns: int = _f("CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`); for counter-derived events, when rsttrace "
                        "saw the counters move")
-    kind: str = _f("what happened: see `kind` below")
-    reason: Optional[str] = _f("the kernel's name for why: see `reason` below")
-    reason_raw: Optional[int] = _f("the number the kernel passed, or null when it passed none")
-    reason_source: Optional[str] = _f("`kernel` (the kernel named it) or `inferred` (rsttrace deduced it)")
-    state: Optional[str] = _f("TCP state of the socket (`TCP_ESTABLISHED`, …), null when there was no socket")
-    family: Optional[str] = _f("`ipv4` / `ipv6`")
+    kind: str = _f("what happened: see `kind` below", repeats=True)
+    reason: Optional[str] = _f("the kernel's name for why: see `reason` below", repeats=True)
+    reason_raw: Optional[int] = _f("the number the kernel passed, or null when it passed none", repeats=True)
+    reason_source: Optional[str] = _f("`kernel` (the kernel named it) or `inferred` (rsttrace deduced it)",
+                                      repeats=True)
+    state: Optional[str] = _f("TCP state of the socket (`TCP_ESTABLISHED`, …), null when there was no socket",
+                              repeats=True)
+    family: Optional[str] = _f("`ipv4` / `ipv6`", repeats=True)
     laddr: Optional[str] = _f("local address as seen from this host")
     lport: Optional[int] = _f("local port")
     raddr: Optional[str] = _f("remote address")
@@ -86,8 +91,8 @@ class Event:
     pid: Optional[int] = _f("the socket owner's pid, **only** in its process context, else null", default=None)
     comm: Optional[str] = _f("the socket owner's command name, with `pid`", default=None)
     source: str = _f("`tracepoint`, `kprobe` (older kernels' gaps) or `counters` (counter-derived)",
-                     default="tracepoint")
-    count: int = _f("1 for traced events; how many for counter-derived ones", default=1)
+                     default="tracepoint", repeats=True)
+    count: int = _f("1 for traced events; how many for counter-derived ones", default=1, repeats=True)
     backlog: Optional[int] = _f("the listener's accept queue length (`ss -lt` Recv-Q)", json="overflow",
                                 default=None)
     max_backlog: Optional[int] = _f("the listener's accept queue limit (`ss -lt` Send-Q)", json="overflow",
@@ -101,8 +106,8 @@ class Event:
     syncookie: bool = _f("a final ACK with a valid SYN cookie met a full accept queue", json="set", default=False)
     includes_ack: bool = _f("counter-derived overflows that may include final-ACK ones this kernel cannot "
                             "tell apart", json="set", default=False)
-    listeners: List[str] = _f("the listeners concerned when there were several (`addr:port`, with request "
-                              "counts in a SYN flood)", json="set", default=[])
+    listeners: Tuple[str, ...] = _f("the listeners concerned when there were several (`addr:port`, with "
+                                    "request counts in a SYN flood)", json="set", default=())
     attribution: Optional[Attribution] = _f("`namespace`, `pod`, `container`, `container_id` of the owner's "
                                             "container, when one was found (see Kubernetes)", json="merge",
                                             default=None)
@@ -122,6 +127,10 @@ class Event:
 EVENT_FIELDS: Tuple[Field[Any], ...] = fields(Event)
 JSON_RULES: Tuple[Tuple[str, str], ...] = tuple((f.name, f.metadata["json"]) for f in EVENT_FIELDS)
 ATTRIBUTION_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(Attribution))
+REPEATING: Tuple[str, ...] = tuple(f.name for f in EVENT_FIELDS if f.metadata["repeats"])
+# fields typed as numbers: 1, 1.0 and True are equal as dict keys, so their cached text is only
+# used for plain ints (output.json_line)
+NUMERIC: Tuple[str, ...] = tuple(f.name for f in EVENT_FIELDS if "int" in str(f.type))
 
 
 def json_keys() -> List[Tuple[str, str]]:
@@ -243,11 +252,15 @@ _LADDR, _RADDR, _LPORT, _RPORT, _PID, _COMM = (_AT[n] for n in ("laddr", "raddr"
 _BACKLOG, _MAX_BACKLOG = _AT["backlog"], _AT["max_backlog"]
 # Event fields copied from the record field of the same name, 0 meaning none (the schema's raw=True):
 # one generated statement each, so a field added to both the record and Event needs no edit here.
-_copy_src = "def _copy(ev, v):\n" + "".join("    ev.%s = v[%d] or None\n" % (f.name, _AT[f.name])
-                                             for f in EVENT_FIELDS if f.metadata["raw"])
+_copy_src = "def _copy(d, v):\n" + "".join("    d[%r] = v[%d] or None\n" % (f.name, _AT[f.name])
+                                            for f in EVENT_FIELDS if f.metadata["raw"])
 _copy_ns: Dict[str, Any] = {}
 exec(compile(_copy_src, "<rsttrace.events._copy>", "exec"), _copy_ns)  # noqa: S102 - our own text
 _copy: Any = _copy_ns["_copy"]
+# The decoder builds an event's attributes as one dict of what the record says, without the
+# 28-argument keyword __init__ (measured: 1 us of a 2.8 us decode). A field it does not set reads
+# as its default: a dataclass keeps each default as a class attribute (immutable, see _f).
+_new = object.__new__
 
 _PROCESS, _KPROBE, _PEER = c.F_PROCESS, c.F_KPROBE, c.F_PEER_FROM_SKB
 _AF_INET, _AF_INET6 = c.AF_INET, c.AF_INET6
@@ -296,15 +309,18 @@ class Decoder:
         else:
             fam = la = ra = None
         max_backlog = v[_MAX_BACKLOG]
-        ev = Event(
-            time=self.clock.iso(v[_KTIME]), ktime_ns=v[_KTIME], kind=kind, reason=rname, reason_raw=reason_raw,
-            reason_source=source, state=state, family=fam, laddr=la, lport=v[_LPORT] if family else None,
-            raddr=ra, rport=v[_RPORT] if family else None, pid=v[_PID] if process else None,
-            comm=v[_COMM].split(b"\0", 1)[0].decode("utf-8", "replace") if process else None,
-            source=hook, backlog=v[_BACKLOG] if max_backlog else None, max_backlog=max_backlog or None,
-            peer_from_packet=peer, local_abort=local_abort, syncookie=syncookie,
-        )
-        _copy(ev, v)
+        d = {
+            "time": self.clock.iso(v[_KTIME]), "ktime_ns": v[_KTIME], "kind": kind, "reason": rname,
+            "reason_raw": reason_raw, "reason_source": source, "state": state, "family": fam, "laddr": la,
+            "lport": v[_LPORT] if family else None, "raddr": ra, "rport": v[_RPORT] if family else None,
+            "pid": v[_PID] if process else None,
+            "comm": v[_COMM].split(b"\0", 1)[0].decode("utf-8", "replace") if process else None,
+            "source": hook, "backlog": v[_BACKLOG] if max_backlog else None, "max_backlog": max_backlog or None,
+            "peer_from_packet": peer, "local_abort": local_abort, "syncookie": syncookie,
+        }
+        _copy(d, v)
+        ev: Event = _new(Event)
+        ev.__dict__ = d
         return ev
 
 

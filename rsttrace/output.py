@@ -6,7 +6,7 @@ import json
 from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .events import ATTRIBUTION_FIELDS, JSON_RULES, OVERFLOW_KINDS, Event
+from .events import ATTRIBUTION_FIELDS, JSON_RULES, NUMERIC, OVERFLOW_KINDS, REPEATING, Event
 
 SHORT_KIND = {
     "sent": "SENT",
@@ -74,16 +74,44 @@ def _jstr(v: Any) -> str:
     return _dumps(v)  # bool, float, containers, int subclasses: exactly as json.dumps does
 
 
+_CACHE_MAX = 4096  # value combinations of a cached run: a few dozen in practice
+
+
 def _json_line_source() -> str:
     """The text of ``json_line``, generated from the event schema (events.JSON_RULES): the keys
     every event has in one format string, then one test per optional key, so a field added to
-    Event appears here with no edit, in to_dict's order."""
+    Event appears here with no edit, in to_dict's order. A run of neighbouring fields that repeat
+    over a stream (events.REPEATING: kind, reason, state, ...) is turned into text once per
+    combination of values and cached."""
     always = [name for name, rule in JSON_RULES if rule == "always"]
     if not always or JSON_RULES[0][1] != "always":
         raise ImportError("the event schema must start with a field that is always in its JSON")
-    fmt = ",".join(encode_basestring_ascii(n) + ":%s" for n in always)
-    body = ["def json_line(e):", "    j = _jstr",
-            "    t = %r %% (%s)" % ("{" + fmt, ", ".join("j(e.%s)" % n for n in always))]
+    runs: List[List[str]] = []  # consecutive always-fields, repeating ones grouped
+    for name in always:
+        if name in REPEATING and runs and runs[-1][0] in REPEATING:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    body = ["def json_line(e):", "    j = _jstr"]
+    parts = []
+    for i, run in enumerate(runs):
+        text = ",".join(encode_basestring_ascii(n) + ":%s" for n in run)
+        values = ", ".join("j(e.%s)" % n for n in run)
+        if run[0] not in REPEATING:
+            parts.append((text, values))
+            continue
+        key = "(%s,)" % ", ".join("e.%s" % n for n in run)
+        plain = " and ".join("type(e.%s) in _NUMS" % n for n in run if n in NUMERIC) or "True"
+        body += ["    k%d = %s" % (i, key),
+                 "    r%d = _c[%d].get(k%d) if %s else None" % (i, i, i, plain),
+                 "    if r%d is None:" % i,
+                 "        r%d = %r %% (%s)" % (i, text, values),
+                 "        if %s:" % plain,
+                 "            if len(_c[%d]) >= _CACHE_MAX:" % i,
+                 "                _c[%d].clear()" % i,
+                 "            _c[%d][k%d] = r%d" % (i, i, i)]
+        parts.append(("%s", "r%d" % i))
+    body.append("    t = %r %% (%s)" % ("{" + ",".join(p[0] for p in parts), ", ".join(p[1] for p in parts)))
     for name, rule in JSON_RULES:
         key = "," + encode_basestring_ascii(name) + ":"
         if rule == "overflow":
@@ -100,7 +128,8 @@ def _json_line_source() -> str:
     return "\n".join(body) + "\n"
 
 
-_ns: Dict[str, Any] = {"_jstr": _jstr, "OVERFLOW_KINDS": OVERFLOW_KINDS}
+_ns: Dict[str, Any] = {"_jstr": _jstr, "OVERFLOW_KINDS": OVERFLOW_KINDS, "_NUMS": (int, type(None)),
+                       "_CACHE_MAX": _CACHE_MAX, "_c": [{} for _ in JSON_RULES]}
 exec(compile(_json_line_source(), "<rsttrace.output.json_line>", "exec"), _ns)  # noqa: S102 - our own text
 json_line: Callable[[Event], str] = _ns["json_line"]
 json_line.__doc__ = """``json.dumps(e.to_dict(), separators=(",", ":"))``, byte for byte, without the dict."""

@@ -115,16 +115,9 @@ class SessionCollector:
         self._collect_lock = threading.Lock()
 
     def describe(self) -> Iterable[Metric]:
-        """The fixed families, without samples: a restricted registry (``?name[]=...``) asks
-        this to know which collector to run."""
-        names = ["rsttrace_tcp_resets_sent", "rsttrace_tcp_resets_received", "rsttrace_tcp_listen_overflows",
-                 "rsttrace_events_lost", "rsttrace_events_suppressed", "rsttrace_map_spilled"]
-        for name in names:
-            yield CounterMetricFamily(name, "")
-        yield GaugeMetricFamily("rsttrace_program_attached", "")
-        yield GaugeMetricFamily("rsttrace_build_info", "")
-        for short, _section, _name, _doc in KERNEL_COUNTERS:
-            yield CounterMetricFamily("rsttrace_kernel_tcp_" + short, "")
+        """The families a scrape returns, without samples: a restricted registry (``?name[]=...``)
+        asks this once, at registration, to know which collector serves a name."""
+        return [Metric(m.name, m.documentation, m.type) for m in self.collect()]
 
     def _extra(self, netns: Optional[int]) -> Tuple[str, ...]:
         if not self.extra or self.netns_labels is None:

@@ -157,3 +157,12 @@ def test_parse_listen(value: str, want: tuple) -> None:  # type: ignore[type-arg
 def test_parse_listen_rejects(value: str) -> None:
     with pytest.raises(ValueError):
         parse_listen(value)
+
+
+def test_restricted_scrape_returns_the_family_asked_for(proc_net: str) -> None:
+    """`/metrics?name[]=rsttrace_tcp_resets_sent_total`: the registry finds the collector by the
+    families its describe() names, and the answer holds that family alone."""
+    r = registry(FakeSession({sent("NO_SOCKET", 1): 4}), proc_net, SeriesCap(8, 100))
+    text = generate_latest(r.restricted_registry(["rsttrace_tcp_resets_sent_total"])).decode()
+    assert 'rsttrace_tcp_resets_sent_total{family="ipv4",reason="NO_SOCKET"' in text
+    assert "rsttrace_tcp_resets_received" not in text and "rsttrace_build_info" not in text

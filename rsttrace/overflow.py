@@ -304,8 +304,8 @@ class OverflowPoller:
             max_backlog=one.max_backlog if one else None,
         )
         if len(listeners) > 1:
-            ev.listeners = ["%s:%d" % (lst.addr, lst.port) + (" (%d requests)" % r if r else "")
-                            for lst, r in listeners[:8]]
+            ev.listeners = tuple("%s:%d" % (lst.addr, lst.port) + (" (%d requests)" % r if r else "")
+                                 for lst, r in listeners[:8])
         if includes_ack:
             ev.includes_ack = True
         return ev

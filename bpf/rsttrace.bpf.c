@@ -38,6 +38,18 @@ BPF_TABLE("percpu_hash", struct rsttrace_counter_key, u64, counters, RSTTRACE_CO
 BPF_PERCPU_ARRAY(counters_spill, u64, RSTTRACE_KIND_MAX);
 BPF_PERCPU_ARRAY(stats, u64, RSTTRACE_STAT_MAX);
 
+#ifdef RSTTRACE_TOP
+/*
+ * rsttrace top: every event's tuple counted here instead of crossing to user space (admit()
+ * admits all, emit() counts). A sized per-CPU hash, never deleted from while top runs, so a
+ * row's count is exact since start; a key that finds it full is counted in "top_spill" by kind.
+ * The "counters" above are untouched by this: they count first, exactly as without top.
+ */
+BPF_TABLE("percpu_hash", struct rsttrace_top_key, u64, top_counts, RSTTRACE_TOP_ENTRIES);
+BPF_PERCPU_ARRAY(top_spill, u64, RSTTRACE_KIND_MAX);
+static __always_inline void top_event(const struct rsttrace_event *e);
+#endif
+
 static __always_inline void stat_inc(u32 slot)
 {
 	u64 *v = stats.lookup(&slot);
@@ -83,6 +95,9 @@ BPF_PERCPU_ARRAY(event_window, struct rsttrace_window, 1);
  */
 static __always_inline int admit(struct rsttrace_event *e)
 {
+#ifdef RSTTRACE_TOP
+	return 1; /* every event's details, for the top map (emit()); nothing crosses to user space */
+#endif
 #ifdef RSTTRACE_NO_EVENTS
 	return 0;
 #endif
@@ -119,6 +134,9 @@ static __always_inline int admit(struct rsttrace_event *e)
  * past the budget and the kind filter, so user space always learns the correction. */
 static __always_inline int admit_correction(struct rsttrace_event *e)
 {
+#ifdef RSTTRACE_TOP
+	return 1;
+#endif
 #ifdef RSTTRACE_NO_EVENTS
 	return 0;
 #endif
@@ -128,6 +146,10 @@ static __always_inline int admit_correction(struct rsttrace_event *e)
 
 static __always_inline void emit(void *ctx, struct rsttrace_event *e)
 {
+#ifdef RSTTRACE_TOP
+	top_event(e);
+	return;
+#endif
 #ifdef RSTTRACE_RINGBUF
 	if (events.ringbuf_output(e, sizeof(*e), 0) != 0) {
 		stat_inc(RSTTRACE_STAT_BUFFER_FULL);
@@ -396,6 +418,10 @@ struct rsttrace_rx_pending {
 	u64 ktime_ns;
 	struct rsttrace_counter_key key;
 	u32 admitted; /* its event went to user space: the correcting send event must too */
+#ifdef RSTTRACE_TOP
+	struct rsttrace_top_key top; /* where top_event() counted it */
+	u32 top_in_row;              /* 0: it went to top_spill */
+#endif
 };
 BPF_PERCPU_ARRAY(rx_pending, struct rsttrace_rx_pending, 1);
 
@@ -442,9 +468,68 @@ static __always_inline int rx_take_back(const void *sk)
 	v = counters.lookup(&p->key);
 	if (v && *v > 0)
 		(*v)--; /* this CPU's slot, which the receive program just incremented */
+#ifdef RSTTRACE_TOP
+	if (p->top_in_row) {
+		v = top_counts.lookup(&p->top);
+	} else {
+		u32 kind = RSTTRACE_KIND_RECEIVED;
+		v = top_spill.lookup(&kind);
+	}
+	if (v && *v > 0)
+		(*v)--; /* likewise: top_event() just counted the receive on this CPU */
+#endif
 	ret = p->admitted ? 2 : 1;
 	return ret;
 }
+
+#ifdef RSTTRACE_TOP
+/* One event's row in the top map: as counter_key() with the tuple (no remote port) and owner. */
+static __always_inline void top_event(const struct rsttrace_event *e)
+{
+	struct rsttrace_top_key k = {};
+	u32 zero = 0, kind;
+	u64 *v, one = 1;
+	int in_row = 1;
+	struct rsttrace_rx_pending *p;
+
+	k.netns = e->netns;
+	k.reason = e->reason;
+	k.kind = e->kind;
+	k.lport = e->lport;
+	k.state = e->state;
+	k.family = (u8)e->family;
+	k.flags = e->flags & (RSTTRACE_F_REQUEST_SOCK | RSTTRACE_F_SYNCOOKIE);
+	if (e->kind == RSTTRACE_KIND_SENT && e->reason == RSTTRACE_REASON_NONE)
+		k.flags |= e->flags & (RSTTRACE_F_ACTIVE | RSTTRACE_F_LOCAL_ABORT);
+	if (e->flags & RSTTRACE_F_PROCESS) {
+		k.flags |= RSTTRACE_F_PROCESS;
+		k.pid = e->pid;
+	}
+	__builtin_memcpy(k.laddr, e->laddr, 16);
+	__builtin_memcpy(k.raddr, e->raddr, 16);
+
+	v = top_counts.lookup(&k);
+	if (v) {
+		(*v)++; /* per-CPU slot: exact without atomics, as count() */
+	} else if (top_counts.update(&k, &one) != 0) {
+		/* full: a row without a tuple, by kind (BPF_ANY on a key another CPU just inserted
+		 * writes only this CPU's slot, still 0, as in count()) */
+		kind = k.kind;
+		v = top_spill.lookup(&kind);
+		if (v)
+			(*v)++;
+		in_row = 0;
+	}
+	/* A receive that the next send on this CPU may take back (rx_remember()): say where it went. */
+	if (e->kind == RSTTRACE_KIND_RECEIVED && (e->state == RSTTRACE_TCP_FIN_WAIT1 || e->state == RSTTRACE_TCP_FIN_WAIT2)) {
+		p = rx_pending.lookup(&zero);
+		if (p) {
+			__builtin_memcpy(&p->top, &k, sizeof(k));
+			p->top_in_row = in_row;
+		}
+	}
+}
+#endif
 
 /* The family of a sockaddr_in/in6 as the 6.10+ tracepoints store them (28 bytes, in ctx). */
 static __always_inline u16 sockaddr_family(const u8 *sa)

@@ -88,6 +88,29 @@ struct rsttrace_counter_key {
 	__u8 pad;
 };
 
+/*
+ * Key of the "top" map (rsttrace top only, compiled in with RSTTRACE_TOP): who resets whom. A
+ * per-CPU hash of RSTTRACE_TOP_ENTRIES keys (default below; `rsttrace top --max-keys`), never
+ * deleted from while it runs, so every row is exact since start; a reset whose key finds the map
+ * full is counted in "top_spill" by kind (a row without addresses), so rows + spill = every
+ * reset counted, exactly. The remote port is not part of it (ephemeral: one key per connection).
+ */
+struct rsttrace_top_key {
+	__u32 netns;
+	__u32 reason; /* raw, or RSTTRACE_REASON_NONE */
+	__u32 pid;    /* tgid when RSTTRACE_F_PROCESS is in flags (the owner in process context), else 0 */
+	__u16 kind;
+	__u16 lport;  /* host byte order */
+	__u8 state;
+	__u8 family;
+	__u8 flags;   /* as rsttrace_counter_key's, plus RSTTRACE_F_PROCESS when pid is set */
+	__u8 pad;
+	__u8 laddr[16]; /* IPv4 in the first 4 bytes */
+	__u8 raddr[16];
+};
+
+#define RSTTRACE_TOP_ENTRIES_DEFAULT 10240
+
 /* Slots of the per-CPU "stats" array. */
 enum rsttrace_stat {
 	RSTTRACE_STAT_EVENTS = 0,        /* events handed to the ring/perf buffer */

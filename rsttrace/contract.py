@@ -35,6 +35,8 @@ F_LOCAL_ABORT = 1 << 5
 F_REQUEST_SOCK = 1 << 6
 F_SYNCOOKIE = 1 << 7
 
+TOP_ENTRIES_DEFAULT = 10240
+
 STAT_EVENTS = 0
 STAT_BUFFER_FULL = 1
 STAT_COUNTER_FULL = 2
@@ -77,4 +79,22 @@ class CounterKey(ctypes.Structure):
         ("family", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+    ]
+
+
+class TopKey(ctypes.Structure):
+    """struct rsttrace_top_key: a row of `rsttrace top`'s map."""
+
+    _fields_ = [
+        ("netns", ctypes.c_uint32),
+        ("reason", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("lport", ctypes.c_uint16),
+        ("state", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("laddr", ctypes.c_uint8 * 16),
+        ("raddr", ctypes.c_uint8 * 16),
     ]

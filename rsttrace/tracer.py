@@ -18,6 +18,8 @@ from .tracefs import ensure_tracefs
 
 # (kind, reason raw or None, state raw, family raw, netns, port, flags) -> count
 CounterTuple = Tuple[int, Optional[int], int, int, int, int, int]
+# (kind, reason raw or None, state raw, family raw, netns, lport, laddr, raddr, pid, flags): a top row
+TopTuple = Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int]
 
 
 class TracerError(Exception):
@@ -34,6 +36,9 @@ class TraceOptions:
     force_perf: bool = False  # use the perf buffer even where a ring buffer exists (tests, old bcc)
     max_event_rate: Optional[int] = None  # events/s to user space (split over CPUs); None: all
     raw_tracepoints: bool = True  # raw tracepoints where the kernel's BTF types their arguments
+    # rsttrace top: every event counted by its tuple in the kernel's "top_counts" map of this many
+    # keys, and none crossing to user space (RSTTRACE_TOP); None: no such map
+    top_entries: Optional[int] = None
 
 
 @dataclass
@@ -84,6 +89,9 @@ class Tracer:
             m["RSTTRACE_RATE_PER_CPU"] = "%dULL" % max(1, -(-self.options.max_event_rate // cpus))
         if not self.ringbuf:
             m["RSTTRACE_RINGBUF"] = None  # codegen drops None macros
+        if self.options.top_entries is not None:
+            m["RSTTRACE_TOP"] = "1"
+            m["RSTTRACE_TOP_ENTRIES"] = str(self.options.top_entries)
         return m
 
     def macros(self) -> Dict[str, str]:
@@ -253,6 +261,27 @@ class Tracer:
                 key = (int(k.value), None, 0, 0, 0, 0, 0)
                 out[key] = out.get(key, 0) + total
         return out
+
+    def top_counts(self) -> Tuple[Dict[TopTuple, int], Dict[int, int]]:
+        """`rsttrace top`'s map, summed over CPUs: (rows by key, counts by kind that found it full).
+        Empty without ``TraceOptions.top_entries``."""
+        rows: Dict[TopTuple, int] = {}
+        spill: Dict[int, int] = {}
+        with self._lock:
+            if self.bpf is None or self.options.top_entries is None:
+                return rows, spill
+            for k, v in self.bpf[b"top_counts"].items():
+                family = int(k.family)
+                alen = 4 if family == c.AF_INET else 16 if family == c.AF_INET6 else 0
+                key: TopTuple = (int(k.kind), None if k.reason == c.REASON_NONE else int(k.reason), int(k.state),
+                                 family, int(k.netns), int(k.lport), bytes(k.laddr)[:alen], bytes(k.raddr)[:alen],
+                                 int(k.pid), int(k.flags))
+                rows[key] = rows.get(key, 0) + sum(int(x) for x in v)
+            for k, v in self.bpf[b"top_spill"].items():
+                total = sum(int(x) for x in v)
+                if total:
+                    spill[int(k.value)] = total
+        return rows, spill
 
     def _newest_generations(self, keys: Iterable[Any]) -> Dict[int, int]:
         """inode -> the newest namespace generation counted under it (under self._lock).

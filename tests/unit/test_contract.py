@@ -13,7 +13,8 @@ from testpaths import ROOT
 
 from rsttrace import contract
 
-STRUCTS = [("rsttrace_event", contract.RawEvent), ("rsttrace_counter_key", contract.CounterKey)]
+STRUCTS = [("rsttrace_event", contract.RawEvent), ("rsttrace_counter_key", contract.CounterKey),
+           ("rsttrace_top_key", contract.TopKey)]
 
 
 def c_layout() -> dict:  # type: ignore[type-arg]
@@ -32,7 +33,8 @@ def c_layout() -> dict:  # type: ignore[type-arg]
                  "RSTTRACE_F_SYNCOOKIE",
                  "RSTTRACE_F_PROCESS", "RSTTRACE_F_ACTIVE", "RSTTRACE_F_PEER_FROM_SKB",
                  "RSTTRACE_F_NETNS_FROM_DEV", "RSTTRACE_F_KPROBE", "RSTTRACE_STAT_EVENTS", "RSTTRACE_STAT_BUFFER_FULL",
-                 "RSTTRACE_STAT_COUNTER_FULL", "RSTTRACE_STAT_SUPPRESSED", "RSTTRACE_STAT_MAX", "RSTTRACE_REASON_NONE"):
+                 "RSTTRACE_STAT_COUNTER_FULL", "RSTTRACE_STAT_SUPPRESSED", "RSTTRACE_STAT_MAX", "RSTTRACE_REASON_NONE",
+                 "RSTTRACE_TOP_ENTRIES_DEFAULT"):
         lines.append('printf("%s %%llu\\n", (unsigned long long)%s);' % (name, name))
     lines.append("return 0; }")
     with tempfile.TemporaryDirectory() as d:
@@ -73,3 +75,4 @@ def test_constants_match() -> None:
     assert c["RSTTRACE_STAT_SUPPRESSED"] == contract.STAT_SUPPRESSED
     assert c["RSTTRACE_STAT_MAX"] == contract.STAT_MAX and c["RSTTRACE_STAT_EVENTS"] == contract.STAT_EVENTS
     assert c["RSTTRACE_REASON_NONE"] == contract.REASON_NONE
+    assert c["RSTTRACE_TOP_ENTRIES_DEFAULT"] == contract.TOP_ENTRIES_DEFAULT

@@ -10,11 +10,11 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__, argcheck, doctor, log, names, output
 from .attribution import event_attributor, metric_labeler
-from .contract import KIND_BY_NAME
+from .contract import KIND_BY_NAME, TOP_ENTRIES_DEFAULT
 from .enrich import Enricher
 from .events import Event
 from .exporter import DEFAULT_PORT
@@ -33,6 +33,7 @@ EXAMPLES = """examples:
   rsttrace trace --addr 10.0.0.0/8 --count 100
   rsttrace trace --netns 4026532281      # one network namespace (a pod); see `lsns -t net`
   rsttrace summary --interval 10         # counts by kind/reason/state every 10 s
+  rsttrace top --by pod,port             # who resets whom, ranked by rate, refreshing (q quits)
   rsttrace reasons                       # the running kernel's reason table, explained
   rsttrace doctor                        # what this node has and lacks, with fixes
   rsttrace export --listen 0.0.0.0:10793 # Prometheus /metrics and /healthz, events to the log
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add namespace and pod labels to the reset and overflow counters (capped by --max-series)")
     _hook_args(e)
     _attribution_args(e)
+
+    _top_parser(sub)
 
     r = sub.add_parser("reasons", help="the running kernel's reason table, explained")
     r.add_argument("--json", action="store_true", help="as a JSON array")
@@ -421,6 +424,113 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+TOP_EXAMPLES = """examples:
+  rsttrace top                                   # pods and ports, busiest first; q quits, s sorts
+  rsttrace top --by peer --peer-prefix 24        # which networks get resets (IPv6 peers fold to /64)
+  rsttrace top --by reason -d 5
+  rsttrace top -b -n 3 -d 2 --by pod,port        # batch: three tables, two seconds apart
+  rsttrace top -b -n 1 -d 10 --json --by port    # one JSON object per interval, for scripts
+  kubectl -n rsttrace exec ds/rsttrace -it -- rsttrace top --by pod,reason
+
+Every reset the kernel traces is counted in the kernel by its tuple, whatever the event budget:
+rows are exact since start. The map holds --max-keys tuples; past that, resets are counted by kind
+in a "map full" line and the rows' tail is incomplete (totals stay exact). Kinds derived from the
+kernel's counters (listen_overflow_syn, syn_queue_overflow, listen_drop; see the README) appear as
+rows with the listener's port where the kernel names one, and never with a peer or process. The
+process (PID/COMM) is known only where the owner held the socket (close, abort): a closed-port
+reset has none. Hints state what the counts show and name the reason to read in `rsttrace reasons`.
+"""
+TOP_DELAY = (0.2, 3600.0)
+TOP_KEYS = (16, 1 << 20)
+
+
+def _top_parser(sub: Any) -> None:
+    from .top import DIMENSIONS, SORTS
+
+    p = sub.add_parser("top", help="who resets whom, right now: ranked groups, refreshing (or -b batch)",
+                       epilog=TOP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--delay", type=_seconds(TOP_DELAY), default=2.0, metavar="SECONDS",
+                   help="seconds between samples; rates are over this interval (%s, default 2)" % _say(TOP_DELAY, "s"))
+    p.add_argument("-b", "--batch", action="store_true", help="print tables instead of drawing a screen")
+    p.add_argument("-n", "--iterations", type=argcheck.integer(*COUNT), metavar="N",
+                   help="stop after N samples (%s)" % _say(COUNT))
+    p.add_argument("--json", action="store_true", help="batch, one JSON object per sample (implies -b)")
+    p.add_argument("--by", action="append", metavar="LIST",
+                   help="group rows by these, comma list: %s (default pod,port; pod is the network "
+                        "namespace, named as a pod when attributed)" % ", ".join(DIMENSIONS))
+    p.add_argument("--sort", choices=SORTS, default="rate",
+                   help="rank by rate over the last interval (default), total since start, or a column")
+    p.add_argument("--peer-prefix", default="32", metavar="V4[,V6]",
+                   help="fold peers to their network: 24 folds IPv4 peers to /24 and IPv6 ones to /64; "
+                        "24,56 sets both (default 32: addresses as they are)")
+    p.add_argument("--rows", type=argcheck.integer(0, 10**6), default=0, metavar="N",
+                   help="at most N rows per sample in batch output (0, the default: all)")
+    p.add_argument("--max-keys", type=argcheck.integer(*TOP_KEYS), default=None, metavar="N",
+                   help="tuples the kernel map holds (%s, default %d); past it resets are counted in a "
+                        "\"map full\" line" % (_say(TOP_KEYS), TOP_ENTRIES_DEFAULT))
+    p.add_argument("--kind", action="append", metavar="KIND",
+                   help="%s (comma list or repeated)" % ", ".join(KIND_BY_NAME))
+    p.add_argument("--netns", action="append", metavar="INODES",
+                   help="only these network namespaces: inode numbers or net:[N], comma list (see `lsns -t net`)")
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
+    fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
+    _hook_args(p)
+    _attribution_args(p)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from . import top as topmod
+
+    try:
+        by = topmod.parse_by(args.by)
+        prefix = topmod.parse_prefix(args.peer_prefix)
+        kinds = parse_kinds(args.kind)
+        netns = {argcheck.netns_inode(part.strip()) for v in args.netns for part in v.split(",")} \
+            if args.netns else None
+    except (topmod.TopError, FilterError, argparse.ArgumentTypeError) as e:
+        raise UsageError(str(e)) from e
+    batch = args.batch or args.json
+    if not batch and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("the top screen needs a terminal: use -b (tables) or --json for a pipe or a file")
+    facts = prepare()
+    args.netns = None  # checked below, each one
+    check_against_kernel(args, facts)
+    for ino in sorted(netns or ()):
+        if not argcheck.netns_exists(ino, args.proc_root):
+            raise UsageError("--netns %d: no network namespace has that inode now (see `lsns -t net`)" % ino)
+    max_keys = args.max_keys or TOP_ENTRIES_DEFAULT
+    session = Session(facts, TraceOptions(events=False, top_entries=max_keys,
+                                          raw_tracepoints=not args.no_raw_tracepoints),
+                      overflow_interval=min(1.0, args.delay))
+    enricher = _enricher(args)
+
+    def pod_of(ino: int) -> Optional[str]:
+        info = enricher.lookup_netns(ino) if enricher is not None else None
+        return "%s/%s" % (info.namespace, info.pod) if info is not None and info.pod else None
+
+    labels = topmod.Labels(pod_of if enricher is not None else None, args.proc_root)
+    model = topmod.TopModel(by, prefix, max_keys, kinds=set(kinds) if kinds else None, netns=netns,
+                            family=_family(args))
+    stopper = Stopper()
+    try:
+        session.start()
+        _log_attach(session)
+        sampler = topmod.Sampler(session, model, stopper.event, overflow_interval=min(1.0, args.delay))
+        model.started = model._last = time.monotonic()  # rates from the moment counting began
+        if batch:
+            topmod.run_batch(sampler, args.delay, args.iterations, labels, args.json, args.rows or None, args.sort)
+        else:
+            from .topscreen import run_screen
+
+            run_screen(sampler, args.delay, labels, args.sort, args.iterations)
+    finally:
+        session.close()
+        if enricher is not None:
+            enricher.stop()
+    return 0
+
+
 def cmd_reasons(args: argparse.Namespace) -> int:
     facts = prepare(need_root=False)
     rows: List[dict] = []  # type: ignore[type-arg]
@@ -559,7 +669,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"trace": cmd_trace, "summary": cmd_summary, "reasons": cmd_reasons, "doctor": cmd_doctor,
-            "export": cmd_export}
+            "export": cmd_export, "top": cmd_top}
 
 
 def _standard_streams() -> None:

@@ -420,7 +420,7 @@ struct rsttrace_rx_pending {
 	u32 admitted; /* its event went to user space: the correcting send event must too */
 #ifdef RSTTRACE_TOP
 	struct rsttrace_top_key top; /* where top_event() counted it */
-	u32 top_in_row;              /* 0: it went to top_spill */
+	u32 top_in_row;              /* 1: in top_counts, 0: in top_spill, 2: not counted (--netns) */
 #endif
 };
 BPF_PERCPU_ARRAY(rx_pending, struct rsttrace_rx_pending, 1);
@@ -469,11 +469,13 @@ static __always_inline int rx_take_back(const void *sk)
 	if (v && *v > 0)
 		(*v)--; /* this CPU's slot, which the receive program just incremented */
 #ifdef RSTTRACE_TOP
-	if (p->top_in_row) {
+	if (p->top_in_row == 1) {
 		v = top_counts.lookup(&p->top);
-	} else {
+	} else if (p->top_in_row == 0) {
 		u32 kind = RSTTRACE_KIND_RECEIVED;
 		v = top_spill.lookup(&kind);
+	} else {
+		v = 0;
 	}
 	if (v && *v > 0)
 		(*v)--; /* likewise: top_event() just counted the receive on this CPU */
@@ -504,12 +506,18 @@ static __always_inline void top_event(const struct rsttrace_event *e)
 	if (e->flags & RSTTRACE_F_PROCESS) {
 		k.flags |= RSTTRACE_F_PROCESS;
 		k.pid = e->pid;
+		__builtin_memcpy(k.comm, e->comm, sizeof(k.comm));
 	}
 	__builtin_memcpy(k.laddr, e->laddr, 16);
 	__builtin_memcpy(k.raddr, e->raddr, 16);
 
-	v = top_counts.lookup(&k);
-	if (v) {
+#ifdef RSTTRACE_TOP_NETNS
+	/* top --netns: only these namespaces take keys (a storm elsewhere cannot fill the map) */
+	if (!RSTTRACE_TOP_NETNS(e->netns))
+		in_row = 2;
+	else
+#endif
+	if ((v = top_counts.lookup(&k))) {
 		(*v)++; /* per-CPU slot: exact without atomics, as count() */
 	} else if (top_counts.update(&k, &one) != 0) {
 		/* full: a row without a tuple, by kind (BPF_ANY on a key another CPU just inserted

@@ -107,6 +107,7 @@ struct rsttrace_top_key {
 	__u8 pad;
 	__u8 laddr[16]; /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
+	char comm[16];  /* with pid: the owner's name then (it outlives the process in the rows) */
 };
 
 #define RSTTRACE_TOP_ENTRIES_DEFAULT 10240

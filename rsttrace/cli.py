@@ -500,8 +500,9 @@ def cmd_top(args: argparse.Namespace) -> int:
         if not argcheck.netns_exists(ino, args.proc_root):
             raise UsageError("--netns %d: no network namespace has that inode now (see `lsns -t net`)" % ino)
     max_keys = args.max_keys or TOP_ENTRIES_DEFAULT
-    session = Session(facts, TraceOptions(events=False, top_entries=max_keys,
-                                          raw_tracepoints=not args.no_raw_tracepoints),
+    options = TraceOptions(events=False, top_entries=max_keys, raw_tracepoints=not args.no_raw_tracepoints,
+                           top_netns=sorted(netns) if netns else None)
+    session = Session(facts, options,
                       overflow_interval=min(1.0, args.delay))
     enricher = _enricher(args)
 

@@ -97,4 +97,5 @@ class TopKey(ctypes.Structure):
         ("pad", ctypes.c_uint8),
         ("laddr", ctypes.c_uint8 * 16),
         ("raddr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * 16),
     ]

@@ -101,6 +101,7 @@ class Row:
     raddr: Optional[str]
     pid: Optional[int]
     source: str = "kernel"  # "counters": derived from the kernel's counters (no peer, port if known)
+    comm: str = ""  # the owner's name with pid, as the kernel saw it then
 
 
 class Namer:
@@ -121,8 +122,8 @@ class Namer:
             text = self._addrs[b] = socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
         return text
 
-    def row(self, t: Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int]) -> Row:
-        kind_raw, reason, state_raw, family, netns, lport, laddr, raddr, pid, flags = t
+    def row(self, t: Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes]) -> Row:
+        kind_raw, reason, state_raw, family, netns, lport, laddr, raddr, pid, flags, comm = t
         nkey = (kind_raw, reason, state_raw, flags)
         names = self._names.get(nkey)
         if names is None:
@@ -134,7 +135,8 @@ class Namer:
         fam = {c.AF_INET: "ipv4", c.AF_INET6: "ipv6"}.get(family)
         return Row(kind, rname, state, fam, netns or None, self._addr(laddr) if fam else None,
                    lport if fam else None, self._addr(raddr) if fam else None,
-                   pid if flags & c.F_PROCESS else None)
+                   pid if flags & c.F_PROCESS else None,
+                   comm=comm.decode("utf-8", "replace") if flags & c.F_PROCESS else "")
 
 
 def fold_peer(addr: Optional[str], prefix: Tuple[int, int]) -> Optional[str]:
@@ -192,6 +194,8 @@ def value_of(row: Row, dim: str, prefix: Tuple[int, int]) -> Any:
         return fold_peer(row.raddr, prefix)
     if dim == "port":
         return row.port
+    if dim == "pid":  # with the name the kernel saw: a short-lived process is gone before it is shown
+        return None if row.pid is None else (row.pid, row.comm)
     return getattr(row, dim)
 
 
@@ -200,6 +204,8 @@ def _sort_value(v: Any) -> Tuple[int, Any]:
     if v is None:
         return (2, "")
     if isinstance(v, int):
+        return (0, v)
+    if isinstance(v, tuple):
         return (0, v)
     return (1, str(v))
 
@@ -402,8 +408,9 @@ class Labels:
         if dim == "pod":
             return terminal_safe(self.pod(v) or str(v))
         if dim == "pid":
-            comm = self.comm(v)
-            return "%d/%s" % (v, terminal_safe(comm)) if comm else str(v)
+            pid, comm = v
+            comm = comm or self.comm(pid)
+            return "%d/%s" % (pid, terminal_safe(comm)) if comm else str(pid)
         if dim == "kind":
             return SHORT_KIND.get(str(v), str(v))
         if dim == "state":
@@ -468,7 +475,9 @@ def _json_value(dim: str, v: Any, labels: Labels) -> Dict[str, Any]:
     if dim == "pod":
         return {"netns": v, "pod": labels.pod(v)}
     if dim == "pid":
-        return {"pid": v, "comm": (labels.comm(v) or None) if v is not None else None}
+        if v is None:
+            return {"pid": None, "comm": None}
+        return {"pid": v[0], "comm": v[1] or labels.comm(v[0]) or None}
     return {dim: v}
 
 

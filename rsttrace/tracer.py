@@ -18,8 +18,11 @@ from .tracefs import ensure_tracefs
 
 # (kind, reason raw or None, state raw, family raw, netns, port, flags) -> count
 CounterTuple = Tuple[int, Optional[int], int, int, int, int, int]
-# (kind, reason raw or None, state raw, family raw, netns, lport, laddr, raddr, pid, flags): a top row
-TopTuple = Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int]
+# (kind, reason raw or None, state raw, family raw, netns, lport, laddr, raddr, pid, flags, comm): a top row
+TopTuple = Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes]
+
+
+TOP_NETNS_MAX = 64  # namespaces a top filter tests in the kernel (a compare each); more: user space only
 
 
 class TracerError(Exception):
@@ -39,6 +42,7 @@ class TraceOptions:
     # rsttrace top: every event counted by its tuple in the kernel's "top_counts" map of this many
     # keys, and none crossing to user space (RSTTRACE_TOP); None: no such map
     top_entries: Optional[int] = None
+    top_netns: Optional[List[int]] = None  # only these namespaces take top keys (at most TOP_NETNS_MAX)
 
 
 @dataclass
@@ -92,6 +96,9 @@ class Tracer:
         if self.options.top_entries is not None:
             m["RSTTRACE_TOP"] = "1"
             m["RSTTRACE_TOP_ENTRIES"] = str(self.options.top_entries)
+            if self.options.top_netns and len(self.options.top_netns) <= TOP_NETNS_MAX:
+                tests = ("(n) == %uU" % i for i in sorted(self.options.top_netns))
+                m["RSTTRACE_TOP_NETNS(n)"] = "(%s)" % " || ".join(tests)
         return m
 
     def macros(self) -> Dict[str, str]:
@@ -275,7 +282,7 @@ class Tracer:
                 alen = 4 if family == c.AF_INET else 16 if family == c.AF_INET6 else 0
                 key: TopTuple = (int(k.kind), None if k.reason == c.REASON_NONE else int(k.reason), int(k.state),
                                  family, int(k.netns), int(k.lport), bytes(k.laddr)[:alen], bytes(k.raddr)[:alen],
-                                 int(k.pid), int(k.flags))
+                                 int(k.pid), int(k.flags), bytes(k.comm).split(b"\0", 1)[0])
                 rows[key] = rows.get(key, 0) + sum(int(x) for x in v)
             for k, v in self.bpf[b"top_spill"].items():
                 total = sum(int(x) for x in v)

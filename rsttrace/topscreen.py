@@ -21,8 +21,12 @@ from .top import SORTS, Labels, Sampler, Snapshot, rank, table
 HELP = "q quit  s sort: %s  r rate  t total  space refresh"
 
 
-def _draw(scr: Any, snap: Optional[Snapshot], labels: Labels, sort: str, note: str = "") -> None:
-    scr.erase()
+def _draw(scr: Any, snap: Optional[Snapshot], labels: Labels, sort: str, whole: bool = False) -> None:
+    """One frame; ``whole`` repaints every cell (after a key or a resize) rather than what changed."""
+    if whole:
+        scr.clear()
+    else:
+        scr.erase()
     height, width = scr.getmaxyx()
     if snap is None:
         lines: List[str] = ["rsttrace top: counting; first sample in a moment"]
@@ -39,7 +43,7 @@ def _draw(scr: Any, snap: Optional[Snapshot], labels: Labels, sort: str, note: s
             scr.addstr(i, 0, line[:max(0, width - 1)], curses.A_REVERSE if i == header_at else curses.A_NORMAL)
         except curses.error:
             pass  # the bottom-right cell, or a terminal shrinking while we draw
-    status = (note + "  " if note else "") + HELP % sort
+    status = HELP % sort
     try:
         scr.addstr(height - 1, 0, status[:max(0, width - 1)], curses.A_BOLD)
     except curses.error:
@@ -80,7 +84,7 @@ def run_screen(sampler: Sampler, delay: float, labels: Labels, sort: str = "rate
                     snap.sort = sort
             elif key == ord(" "):
                 return True
-            _draw(scr, snap, labels, sort)
+            _draw(scr, snap, labels, sort, whole=True)
             return False
 
         while not quit_[0] and (iterations is None or n < iterations):

@@ -50,8 +50,8 @@ MANY_PEERS = 10
 ABORTS = 10
 # Resets an application causes by closing: reason -> what the application did
 APP_ABORTS = {
-    "TCP_ABORT_ON_CLOSE": "closed sockets with unread data",
-    "TCP_STATE": "aborted live connections (SO_LINGER 0 close, connect(AF_UNSPEC), ss -K)",
+    "TCP_ABORT_ON_CLOSE": "closed with unread data",
+    "TCP_STATE": "aborted live connections (SO_LINGER 0, ss -K)",
     "TCP_DISCONNECT_WITH_DATA": "disconnected with unsent data",
 }
 
@@ -318,26 +318,25 @@ def hints(rows: Dict[Row, int]) -> List[Hint]:
     out: List[Hint] = []
     for (ns, peer), (ports, total) in sorted(by_peer.items(), key=lambda kv: -len(kv[1][0])):
         if len(ports) >= SCAN_PORTS:
-            out.append(Hint("scan", "NO_SOCKET", "peer %s was refused on %d closed local ports in %s (%d resets, "
-                                                 "NO_SOCKET): the shape of a port scan" % (peer, len(ports), _where(ns),
-                                                                                           total),
+            out.append(Hint("scan", "NO_SOCKET", "peer %s refused on %d closed ports in %s (%d resets): a port "
+                                                 "scan's shape" % (peer, len(ports), _where(ns), total),
                             {"netns": ns, "peer": peer, "ports": len(ports), "resets": total}))
     for (ns, port), (peers, total) in sorted(by_port.items(), key=lambda kv: -len(kv[1][0])):
         if len(peers) >= MANY_PEERS:
-            out.append(Hint("port", "NO_SOCKET", "local port %d in %s refused %d peers (%d resets, NO_SOCKET): "
-                                                 "nothing listens there: a service down, or a SYN flood aimed at it"
+            out.append(Hint("port", "NO_SOCKET", "port %d in %s refused %d peers (%d resets): nothing listens: "
+                                                 "service down, or a SYN flood at it"
                             % (port, _where(ns), len(peers), total),
                             {"netns": ns, "port": port, "peers": len(peers), "resets": total}))
     for (ns, lport, reason), count in sorted(floods.items(), key=lambda kv: -kv[1]):
-        out.append(Hint("synflood", reason, "%d SYNs dropped or cookied on %s in %s (%s): the listener's SYN queue "
-                                            "is full: a SYN flood, or a backlog too small for the load"
-                        % (count, "port %d" % lport if lport else "a listener", _where(ns), reason),
+        what = "port %d" % lport if lport else "a listener"
+        out.append(Hint("synflood", reason, "%s in %s: %d SYNs it could not queue: a SYN flood, or a backlog too "
+                                            "small" % (what, _where(ns), count),
                         {"netns": ns, "port": lport, "resets": count}))
     for (ns, reason), (pids, total) in sorted(aborts.items(), key=lambda kv: -kv[1][1]):
         if total >= ABORTS:
             who = " (pid %s)" % ", ".join(str(p) for p in sorted(pids)[:5]) if pids else ""
-            out.append(Hint("aborts", reason, "applications in %s%s %s: %d resets (%s)"
-                            % (_where(ns), who, APP_ABORTS[reason], total, reason),
+            out.append(Hint("aborts", reason, "%s%s: %d resets, the application %s"
+                            % (_where(ns), who, total, APP_ABORTS[reason]),
                             {"netns": ns, "pids": sorted(pids), "resets": total}))
     return out
 
@@ -430,7 +429,7 @@ class Labels:
 
 PLURAL = {"pod": "netns", "kind": "kinds", "reason": "reasons", "state": "states", "laddr": "addrs",
           "port": "ports", "peer": "peers", "pid": "pids"}
-WIDTH = {"pod": 16, "kind": 4, "reason": 20, "state": 11, "laddr": 16, "port": 9, "peer": 18, "pid": 18}
+WIDTH = {"pod": 16, "kind": 7, "reason": 20, "state": 11, "laddr": 16, "port": 10, "peer": 18, "pid": 18}
 
 
 def columns(by: Sequence[str]) -> List[str]:
@@ -450,7 +449,7 @@ def table(snap: Snapshot, labels: Labels, rows: Optional[int] = None, width: int
         out.append("map full: %d resets (%.1f/s now) have no row; the rows' tail is incomplete (--max-keys %d)" % (
             snap.spill[1], snap.spill[0] / snap.interval, snap.max_keys))
     for h in snap.hints:
-        out.append("hint: %s; see `rsttrace reasons` %s" % (h.text, h.reason))
+        out.append("hint: %s [%s: rsttrace reasons]" % (h.text, h.reason))
     out.append("")
     cols = columns(snap.by)
     head = ["%-*s" % (WIDTH[d], DIMENSIONS[d]) for d in snap.by] + ["%9s %9s %10s" % ("RATE/s", "INTERVAL", "TOTAL")]

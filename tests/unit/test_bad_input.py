@@ -114,6 +114,13 @@ PARSE_LEVEL: List[Tuple[List[str], str]] = [
     (["doctor", "--no-load", "--bogus"], "unrecognized arguments: --bogus"),
     (["export", "--max-series", "\u0661"], "not a whole number"),
     (["summary", "--netns", "0"], "is not a netns inode"),
+    (["top", "-d", "0.1"], "'0.1' is not a number of seconds from 0.2 to 3600"),
+    (["top", "-d", "nan"], "not a number of seconds"),
+    (["top", "--max-keys", "8"], "argument --max-keys"),
+    (["top", "--max-keys", BIG], "argument --max-keys"),
+    (["top", "-n", "0"], "argument -n/--iterations"),
+    (["top", "--sort", "bogus"], "argument --sort: invalid choice"),
+    (["top", "-4", "-6"], "not allowed with argument"),
 ]
 
 # Caught by cmd_trace/cmd_summary before the kernel is read (filters, reason syntax).
@@ -143,6 +150,13 @@ BEFORE_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--reason", ","], "--reason ',': an empty name"),
     (["trace", "--reason", " , "], "an empty name"),
     (["trace", "--reason", "NO_SOCKET,"], "an empty name"),
+    (["top", "-b", "--by", "pods"], "--by 'pods': group by one or more of pod, kind"),
+    (["top", "-b", "--by", "port,"], "--by '': group by one or more of"),
+    (["top", "-b", "--peer-prefix", "33"], "--peer-prefix '33': IPv4 0 to 32"),
+    (["top", "-b", "--peer-prefix", "24,64,8"], "--peer-prefix '24,64,8'"),
+    (["top", "-b", "--netns", "x"], "'x' is not a netns inode"),
+    (["top", "-b", "--kind", "nope"], "unknown kind 'nope'"),
+    (["top", "--by", "port"], "the top screen needs a terminal: use -b"),  # stdin/stdout are not one here
 ]
 
 # Need the kernel's names or what exists now: judged after the (fixture) kernel is read.
@@ -157,6 +171,8 @@ AGAINST_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--proc-root", "/nonexistent/proc"], "--proc-root /nonexistent/proc: no such directory"),
     (["trace", "--proc-root", "/x\x1b[2J\x07"], "--proc-root /x\\x1b[2J\\x07: no such"),  # escaped
     (["trace", "--netns", " 4294967295 "], "--netns 4294967295: no network namespace"),
+    (["top", "-b", "--netns", "%d,4294967295" % os.stat("/proc/self/ns/net").st_ino],
+     "--netns 4294967295: no network namespace has that inode now"),
 ]
 
 
@@ -243,6 +259,8 @@ def test_unknown_reason_lists_every_valid_name(capfd: pytest.CaptureFixture[str]
     ["summary", "--netns", str(os.stat("/proc/self/ns/net").st_ino), "--interval", "0.1"],
     ["trace", "--overflow-interval", ".5", "--duration", "3600", "--count", "1000000000000", "--ring-pages", "16384"],
     ["trace", "--port", " 443,8443", "--max-event-rate", "10000000"],
+    ["top", "-b", "--netns", "net:[%d]" % os.stat("/proc/self/ns/net").st_ino, "--by", "pod,PORT", "--by", "peer",
+     "--peer-prefix", "24,64", "--max-keys", "16", "-d", "0.2", "-n", "1", "--json", "--kind", "sent"],
 ])
 def test_good_input_passes(argv: List[str], saved_kernel: kernel.KernelFacts) -> None:
     """The other side of every row above: these reach the tracer (so the table can fail)."""

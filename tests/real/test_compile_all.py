@@ -8,6 +8,7 @@ attach on this node type (no kprobes); the rig boots the real kernels to run the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -19,10 +20,13 @@ from rsttrace.bccload import import_bcc, kernel_headers
 from rsttrace.tracer import TraceOptions, Tracer
 
 ROOTS = list(KERNEL_ROOTS.values())
+# the programs as trace/summary/export build them, and as `rsttrace top` does (its map, a --netns filter)
+OPTIONS = {"default": TraceOptions(), "top": TraceOptions(events=False, top_entries=64, top_netns=[1, 4026531840])}
 
 
+@pytest.mark.parametrize("mode", sorted(OPTIONS))
 @pytest.mark.parametrize("root", ROOTS, ids=[os.path.basename(r) for r in ROOTS])
-def test_program_loads(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_program_loads(root: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     require_real_kernel()
     bcc = import_bcc()
     src, _why = kernel_headers()
@@ -33,7 +37,7 @@ def test_program_loads(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # and with that kernel's raw tracepoint prototypes rather than this kernel's
     tp_args = kernel.tp_args_fixture(os.path.join(root, "tracepoint-args.txt"))
     facts = kernel.gather(root, release=os.path.basename(root), functions=(True, functions[1]), tp_args=tp_args)
-    tracer = Tracer(facts, TraceOptions())
+    tracer = Tracer(facts, dataclasses.replace(OPTIONS[mode]))
     tracer.ringbuf = facts.ringbuf
     b = bcc.BPF(text=tracer.source().encode(), cflags=["-Wno-unused-function"])
     try:
@@ -55,8 +59,9 @@ def test_program_loads(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
         b.cleanup()
 
 
+@pytest.mark.parametrize("mode", sorted(OPTIONS))
 @pytest.mark.parametrize("root", ROOTS, ids=[os.path.basename(r) for r in ROOTS])
-def test_perf_variants_load(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_perf_variants_load(root: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The perf tracepoint programs, used where raw tracepoints are not (no BTF prototypes,
     --no-raw-tracepoints), pass the verifier for every layout too."""
     require_real_kernel()
@@ -65,7 +70,7 @@ def test_perf_variants_load(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if src:
         monkeypatch.setenv("BCC_KERNEL_SOURCE", src)
     facts = kernel.gather(root, release=os.path.basename(root), functions=(False, {}), tp_args={})
-    tracer = Tracer(facts, TraceOptions())
+    tracer = Tracer(facts, dataclasses.replace(OPTIONS[mode]))
     tracer.ringbuf = facts.ringbuf
     b = bcc.BPF(text=tracer.source().encode(), cflags=["-Wno-unused-function"])
     try:

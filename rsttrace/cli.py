@@ -430,7 +430,8 @@ TOP_EXAMPLES = """examples:
   rsttrace top --by reason -d 5
   rsttrace top -b -n 3 -d 2 --by pod,port        # batch: three tables, two seconds apart
   rsttrace top -b -n 1 -d 10 --json --by port    # one JSON object per interval, for scripts
-  kubectl -n rsttrace exec ds/rsttrace -it -- rsttrace top --by pod,reason
+  kubectl -n rsttrace exec ds/rsttrace -it -- rsttrace top --proc-root /host/proc \
+      --cgroup-root /host/sys/fs/cgroup --by pod,reason   # in the DaemonSet's pod, pods named
 
 Every reset the kernel traces is counted in the kernel by its tuple, whatever the event budget:
 rows are exact since start. The map holds --max-keys tuples; past that, resets are counted by kind
@@ -493,6 +494,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     batch = args.batch or args.json
     if not batch and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("the top screen needs a terminal: use -b (tables) or --json for a pipe or a file")
+    if not batch and not os.environ.get("TERM"):
+        os.environ["TERM"] = "xterm"  # `kubectl exec -it` gives a terminal but no TERM; curses needs one
     facts = prepare()
     args.netns = None  # checked below, each one
     check_against_kernel(args, facts)

@@ -497,7 +497,17 @@ static __always_inline void top_event(const struct rsttrace_event *e)
 	k.netns = e->netns;
 	k.reason = e->reason;
 	k.kind = e->kind;
-	k.lport = e->lport;
+	k.port = e->lport;
+#if defined(RSTTRACE_EPH_LO) && defined(RSTTRACE_EPH_HI)
+	/* A local socket (state set: not a closed port's reset, whose local port a scan chooses) on an
+	 * ephemeral port talking to a peer's non-ephemeral one is a client: keyed by the peer's port,
+	 * or a client-side storm would take one key per connection. */
+	if (e->state && e->state != RSTTRACE_TCP_LISTEN && e->lport >= RSTTRACE_EPH_LO && e->lport <= RSTTRACE_EPH_HI &&
+	    e->rport && (e->rport < RSTTRACE_EPH_LO || e->rport > RSTTRACE_EPH_HI)) {
+		k.port = e->rport;
+		k.port_remote = 1;
+	}
+#endif
 	k.state = e->state;
 	k.family = (u8)e->family;
 	k.flags = e->flags & (RSTTRACE_F_REQUEST_SOCK | RSTTRACE_F_SYNCOOKIE);

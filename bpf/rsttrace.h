@@ -100,11 +100,13 @@ struct rsttrace_top_key {
 	__u32 reason; /* raw, or RSTTRACE_REASON_NONE */
 	__u32 pid;    /* tgid when RSTTRACE_F_PROCESS is in flags (the owner in process context), else 0 */
 	__u16 kind;
-	__u16 lport;  /* host byte order */
+	__u16 port;   /* host byte order: the local port, or the remote one when port_remote */
 	__u8 state;
 	__u8 family;
 	__u8 flags;   /* as rsttrace_counter_key's, plus RSTTRACE_F_PROCESS when pid is set */
-	__u8 pad;
+	/* 1: a local socket's port is ephemeral (ip_local_port_range) and the peer's is not: a client,
+	 * keyed by the service it talks to rather than by one key per connection */
+	__u8 port_remote;
 	__u8 laddr[16]; /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[16];  /* with pid: the owner's name then (it outlives the process in the rows) */

@@ -102,6 +102,7 @@ class Row:
     pid: Optional[int]
     source: str = "kernel"  # "counters": derived from the kernel's counters (no peer, port if known)
     comm: str = ""  # the owner's name with pid, as the kernel saw it then
+    port_remote: bool = False  # port is the peer's: a client on an ephemeral port (the kernel keyed it so)
 
 
 class Namer:
@@ -122,8 +123,8 @@ class Namer:
             text = self._addrs[b] = socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
         return text
 
-    def row(self, t: Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes]) -> Row:
-        kind_raw, reason, state_raw, family, netns, lport, laddr, raddr, pid, flags, comm = t
+    def row(self, t: Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes, bool]) -> Row:
+        kind_raw, reason, state_raw, family, netns, lport, laddr, raddr, pid, flags, comm, port_remote = t
         nkey = (kind_raw, reason, state_raw, flags)
         names = self._names.get(nkey)
         if names is None:
@@ -136,7 +137,8 @@ class Namer:
         return Row(kind, rname, state, fam, netns or None, self._addr(laddr) if fam else None,
                    lport if fam else None, self._addr(raddr) if fam else None,
                    pid if flags & c.F_PROCESS else None,
-                   comm=comm.decode("utf-8", "replace") if flags & c.F_PROCESS else "")
+                   comm=comm.decode("utf-8", "replace") if flags & c.F_PROCESS else "",
+                   port_remote=bool(port_remote and fam))
 
 
 def fold_peer(addr: Optional[str], prefix: Tuple[int, int]) -> Optional[str]:
@@ -192,25 +194,27 @@ def value_of(row: Row, dim: str, prefix: Tuple[int, int]) -> Any:
         return row.netns
     if dim == "peer":
         return fold_peer(row.raddr, prefix)
-    if dim == "port":
-        return row.port
+    if dim == "port":  # a client's row: the service's port on the peer ("peer", port)
+        return ("peer", row.port) if row.port_remote and row.port is not None else row.port
     if dim == "pid":  # with the name the kernel saw: a short-lived process is gone before it is shown
         return None if row.pid is None else (row.pid, row.comm)
     return getattr(row, dim)
 
 
-def _sort_value(v: Any) -> Tuple[int, Any]:
-    """None last, numbers as numbers, the rest as text."""
+def _sort_value(v: Any) -> Tuple[int, int, str]:
+    """Numbers as numbers (a pid with its name), then peers' ports, then text, None last."""
     if v is None:
-        return (2, "")
+        return (3, 0, "")
     if isinstance(v, int):
-        return (0, v)
-    if isinstance(v, tuple):
-        return (0, v)
-    return (1, str(v))
+        return (0, v, "")
+    if isinstance(v, tuple) and isinstance(v[0], int):  # (pid, comm)
+        return (0, v[0], str(v[1]))
+    if isinstance(v, tuple):  # ("peer", port)
+        return (1, int(v[1]), "")
+    return (2, 0, str(v))
 
 
-def _tie(g: Group) -> Tuple[Tuple[int, Any], ...]:
+def _tie(g: Group) -> Tuple[Tuple[int, int, str], ...]:
     return tuple(_sort_value(v) for v in g.key)
 
 
@@ -412,6 +416,8 @@ class Labels:
             return "%d/%s" % (pid, terminal_safe(comm)) if comm else str(pid)
         if dim == "kind":
             return SHORT_KIND.get(str(v), str(v))
+        if dim == "port" and isinstance(v, tuple):
+            return "peer:%d" % v[1]
         if dim == "state":
             return str(v).replace("TCP_", "", 1)
         if dim == "laddr" and ":" in str(v):
@@ -473,6 +479,8 @@ def table(snap: Snapshot, labels: Labels, rows: Optional[int] = None, width: int
 def _json_value(dim: str, v: Any, labels: Labels) -> Dict[str, Any]:
     if dim == "pod":
         return {"netns": v, "pod": labels.pod(v)}
+    if dim == "port" and isinstance(v, tuple):
+        return {"port": v[1], "port_of": "peer"}
     if dim == "pid":
         if v is None:
             return {"pid": None, "comm": None}

@@ -18,8 +18,9 @@ from .tracefs import ensure_tracefs
 
 # (kind, reason raw or None, state raw, family raw, netns, port, flags) -> count
 CounterTuple = Tuple[int, Optional[int], int, int, int, int, int]
-# (kind, reason raw or None, state raw, family raw, netns, lport, laddr, raddr, pid, flags, comm): a top row
-TopTuple = Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes]
+# (kind, reason raw or None, state raw, family raw, netns, port, laddr, raddr, pid, flags, comm, port_remote):
+# a top row
+TopTuple = Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes, bool]
 
 
 TOP_NETNS_MAX = 64  # namespaces a top filter tests in the kernel (a compare each); more: user space only
@@ -96,6 +97,9 @@ class Tracer:
         if self.options.top_entries is not None:
             m["RSTTRACE_TOP"] = "1"
             m["RSTTRACE_TOP_ENTRIES"] = str(self.options.top_entries)
+            eph = _ephemeral_ports()
+            if eph is not None:
+                m["RSTTRACE_EPH_LO"], m["RSTTRACE_EPH_HI"] = str(eph[0]), str(eph[1])
             if self.options.top_netns and len(self.options.top_netns) <= TOP_NETNS_MAX:
                 tests = ("(n) == %uU" % i for i in sorted(self.options.top_netns))
                 m["RSTTRACE_TOP_NETNS(n)"] = "(%s)" % " || ".join(tests)
@@ -281,8 +285,8 @@ class Tracer:
                 family = int(k.family)
                 alen = 4 if family == c.AF_INET else 16 if family == c.AF_INET6 else 0
                 key: TopTuple = (int(k.kind), None if k.reason == c.REASON_NONE else int(k.reason), int(k.state),
-                                 family, int(k.netns), int(k.lport), bytes(k.laddr)[:alen], bytes(k.raddr)[:alen],
-                                 int(k.pid), int(k.flags), bytes(k.comm).split(b"\0", 1)[0])
+                                 family, int(k.netns), int(k.port), bytes(k.laddr)[:alen], bytes(k.raddr)[:alen],
+                                 int(k.pid), int(k.flags), bytes(k.comm).split(b"\0", 1)[0], bool(k.port_remote))
                 rows[key] = rows.get(key, 0) + sum(int(x) for x in v)
             for k, v in self.bpf[b"top_spill"].items():
                 total = sum(int(x) for x in v)
@@ -390,6 +394,16 @@ class Tracer:
                     self.bpf.cleanup()
                 finally:
                     self.bpf = None
+
+
+def _ephemeral_ports() -> Optional[Tuple[int, int]]:
+    """This namespace's ip_local_port_range (pods keep the default unless they set their own)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return (lo, hi) if 0 < lo <= hi <= 65535 else None
 
 
 MADV_PAGEOUT = 21  # include/uapi/asm-generic/mman-common.h (5.4+); older kernels answer EINVAL

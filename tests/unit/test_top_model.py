@@ -104,11 +104,27 @@ def test_namer_names_as_trace_does() -> None:
     facts.rst_reasons = {1: "NO_SOCKET"}
     facts.tcp_states = {1: "TCP_ESTABLISHED", 7: "TCP_CLOSE"}
     n = top.Namer(facts)
-    r = n.row((c.KIND_SENT, 1, 0, c.AF_INET, 5, 80, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 0, 0, b""))
+    r = n.row((c.KIND_SENT, 1, 0, c.AF_INET, 5, 80, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 0, 0, b"", False))
     assert (r.kind, r.reason, r.state, r.laddr, r.port, r.raddr, r.pid) == (
         "sent", "NO_SOCKET", None, "10.0.0.1", 80, "10.0.0.2", None)
-    r = n.row((c.KIND_SENT, 99, 7, c.AF_INET6, 5, 80, bytes(16), bytes(15) + b"\1", 42, c.F_PROCESS, b"nginx"))
+    r = n.row((c.KIND_SENT, 99, 7, c.AF_INET6, 5, 80, bytes(16), bytes(15) + b"\1", 42, c.F_PROCESS, b"nginx",
+               True))
     assert (r.reason, r.state, r.raddr, r.pid, r.comm) == ("unknown:99", "TCP_CLOSE", "::1", 42, "nginx")
+    assert top.value_of(r, "port", (32, 128)) == ("peer", 80)
+
+
+def test_client_rows_by_the_peers_port() -> None:
+    """Rows the kernel keyed by the peer's port (a client on an ephemeral one) group apart from the
+    local port of the same number, and print as peer:N (JSON: port_of)."""
+    refused = Row("received", "ECONNREFUSED", "TCP_SYN_SENT", "ipv4", 11, "10.0.0.1", 8080, "10.0.0.2", None,
+                  port_remote=True)
+    m = TopModel(("port",))
+    s = m.snapshot({refused: 500, sent("192.0.2.7", 8080): 3}, {}, 2, {}, now=m.started + 1)
+    assert [g.key for g in s.groups] == [(("peer", 8080),), (8080,)]
+    labels = Labels(proc_root="/nonexistent")
+    assert any(line.startswith("peer:8080 ") for line in top.table(s, labels))
+    d = top.as_json(s, labels)
+    assert d["rows"][0]["port"] == 8080 and d["rows"][0]["port_of"] == "peer" and "port_of" not in d["rows"][1]
 
 
 def test_batch_text_and_json() -> None:

@@ -458,7 +458,8 @@ def _top_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="batch, one JSON object per sample (implies -b)")
     p.add_argument("--by", action="append", metavar="LIST",
                    help="group rows by these, comma list: %s (default pod,port; pod is the network "
-                        "namespace, named as a pod when attributed)" % ", ".join(DIMENSIONS))
+                        "namespace, named as a pod when attributed; port is the local port, or peer:N for a client "
+                        "on an ephemeral port talking to the peer's port N)" % ", ".join(DIMENSIONS))
     p.add_argument("--sort", choices=SORTS, default="rate",
                    help="rank by rate over the last interval (default), total since start, or a column")
     p.add_argument("--peer-prefix", default="32", metavar="V4[,V6]",

@@ -30,7 +30,8 @@ PEERS = ["10.77.1.%d" % i for i in range(1, 51)]  # 50 peers
 PEER_SYNS = 4  # each, to one closed port
 SERVICE_PORT = 8080
 ABORTS = 100
-DELAY = 10  # -d: long enough that six processes' compiles and the traffic fit in two samples
+# -d: long enough that six processes' compiles and the traffic fit in two samples (the rig emulates CPUs)
+DELAY = 30 if os.environ.get("RSTTRACE_RIG") else 10
 
 ABORT_SERVER = """
 import socket, struct, sys

@@ -430,8 +430,7 @@ TOP_EXAMPLES = """examples:
   rsttrace top --by reason -d 5
   rsttrace top -b -n 3 -d 2 --by pod,port        # batch: three tables, two seconds apart
   rsttrace top -b -n 1 -d 10 --json --by port    # one JSON object per interval, for scripts
-  kubectl -n rsttrace exec ds/rsttrace -it -- rsttrace top --proc-root /host/proc \
-      --cgroup-root /host/sys/fs/cgroup --by pod,reason   # in the DaemonSet's pod, pods named
+  kubectl -n rsttrace exec ds/rsttrace -it -- rsttrace top --proc-root /host/proc --by pod,reason
 
 Every reset the kernel traces is counted in the kernel by its tuple, whatever the event budget:
 rows are exact since start. The map holds --max-keys tuples; past that, resets are counted by kind

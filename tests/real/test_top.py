@@ -31,7 +31,8 @@ PEER_SYNS = 4  # each, to one closed port
 SERVICE_PORT = 8080
 ABORTS = 100
 # -d: long enough that six processes' compiles and the traffic fit in two samples (the rig emulates CPUs)
-DELAY = 30 if os.environ.get("RSTTRACE_RIG") else 10
+RIG = bool(os.environ.get("RSTTRACE_RIG"))
+DELAY = 60 if RIG else 10
 
 ABORT_SERVER = """
 import socket, struct, sys
@@ -137,7 +138,7 @@ def test_top_ranks_what_was_made(lab: Tuple[Wire, Netns]) -> None:
     try:
         first_ready = None
         for p in procs.values():
-            wait_ready(p)
+            wait_ready(p, timeout=900 if RIG else 60)  # six compiles at once
             first_ready = first_ready or time.monotonic()
         assert first_ready is not None
         ready_spread = time.monotonic() - first_ready  # the first to be ready samples first

@@ -89,7 +89,7 @@ def make_resets(wire: Wire, abort_ns: Netns) -> Tuple[int, int]:
 
 
 def samples(proc: subprocess.Popen[str]) -> List[Dict[str, Any]]:
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=2 * DELAY + 120)
     assert proc.returncode == 0, err
     got = [json.loads(line) for line in out.splitlines()]
     assert len(got) == 2, out

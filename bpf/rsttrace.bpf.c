@@ -498,12 +498,17 @@ static __always_inline void top_event(const struct rsttrace_event *e)
 	k.reason = e->reason;
 	k.kind = e->kind;
 	k.port = e->lport;
+	/* A client is keyed by the peer's port, or a client-side storm would take one key per
+	 * connection: a socket still connecting (SYN_SENT: a refused connect), or one on an ephemeral
+	 * port talking to a peer's non-ephemeral one. A closed port's reset (no socket) keeps the
+	 * local port, which a scan chooses. */
+	if (e->state == RSTTRACE_TOP_SYN_SENT && e->rport) {
+		k.port = e->rport;
+		k.port_remote = 1;
+	}
 #if defined(RSTTRACE_EPH_LO) && defined(RSTTRACE_EPH_HI)
-	/* A local socket (state set: not a closed port's reset, whose local port a scan chooses) on an
-	 * ephemeral port talking to a peer's non-ephemeral one is a client: keyed by the peer's port,
-	 * or a client-side storm would take one key per connection. */
-	if (e->state && e->state != RSTTRACE_TCP_LISTEN && e->lport >= RSTTRACE_EPH_LO && e->lport <= RSTTRACE_EPH_HI &&
-	    e->rport && (e->rport < RSTTRACE_EPH_LO || e->rport > RSTTRACE_EPH_HI)) {
+	else if (e->state && e->state != RSTTRACE_TCP_LISTEN && e->lport >= RSTTRACE_EPH_LO &&
+		 e->lport <= RSTTRACE_EPH_HI && e->rport && (e->rport < RSTTRACE_EPH_LO || e->rport > RSTTRACE_EPH_HI)) {
 		k.port = e->rport;
 		k.port_remote = 1;
 	}

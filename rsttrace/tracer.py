@@ -97,6 +97,8 @@ class Tracer:
         if self.options.top_entries is not None:
             m["RSTTRACE_TOP"] = "1"
             m["RSTTRACE_TOP_ENTRIES"] = str(self.options.top_entries)
+            syn_sent = next((v for v, n in self.facts.tcp_states.items() if n == "TCP_SYN_SENT"), None)
+            m["RSTTRACE_TOP_SYN_SENT"] = str(syn_sent if syn_sent is not None else 0xFFFF)  # never a u8 state
             eph = _ephemeral_ports()
             if eph is not None:
                 m["RSTTRACE_EPH_LO"], m["RSTTRACE_EPH_HI"] = str(eph[0]), str(eph[1])

@@ -272,3 +272,33 @@ def test_top_screen_in_a_pty(lab: Tuple[Wire, Netns]) -> None:
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_refused_connects_take_one_key() -> None:
+    """A client's refused connects (SYN_SENT) are keyed by the port they tried, not their own
+    ephemeral one: 200 of them are two keys (the reset sent, the reset received), not 201."""
+    require_real_kernel()
+    from netlab import closed_port, connect_refused
+
+    ns = Netns()
+    try:
+        proc = subprocess.Popen(rsttrace("--log-format", "json", "top", "-b", "--json", "-n", "1", "-d",
+                                         str(DELAY // 2), "--by", "port,kind", "--netns", str(ns.inode)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(proc, timeout=900 if RIG else 60)
+            with ns.inside():
+                port = closed_port(socket.AF_INET, "127.0.0.1")  # from bind(0): itself ephemeral
+                connect_refused(socket.AF_INET, "127.0.0.1", port, 200)
+            out, err = proc.communicate(timeout=DELAY + 120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err
+        d = json.loads(out)
+        rows = {(r["kind"], r.get("port_of")): r for r in d["rows"]}
+        assert d["keys"] == 2, d["rows"]
+        assert rows[("sent", None)]["port"] == port and rows[("sent", None)]["total"] == 200
+        assert rows[("received", "peer")]["port"] == port and rows[("received", "peer")]["total"] == 200
+    finally:
+        ns.delete()

@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import contract as c
-from .events import name_reason
-from .kernel import KernelFacts
-from .output import SHORT_KIND, terminal_safe
+from rsttrace.capture import contract as c
+from rsttrace.pipeline.events import name_reason
+from rsttrace.kernel.facts import KernelFacts
+from rsttrace.sinks.output import SHORT_KIND, terminal_safe
 
 # --by names -> column titles, in the order rows show them
 DIMENSIONS: Dict[str, str] = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 import curses
 from typing import Any, List, Optional
 
-from .top import SORTS, Labels, Sampler, Snapshot, rank, table
+from rsttrace.top import SORTS, Labels, Sampler, Snapshot, rank, table
 
 HELP = "q quit  s sort: %s  r rate  t total  space refresh"
 

@@ -50,7 +50,8 @@ for _ in range(int(sys.argv[1])):
 def abort_reason() -> str:
     """What this kernel calls a SO_LINGER 0 close's reset: TCP_STATE (6.12+), or rsttrace's inferred
     TCP_ABORT_ON_CLOSE where tcp_send_reset has no reason (before 6.10)."""
-    from rsttrace import kernel, tracefs
+    from rsttrace.kernel import facts as kernel
+    from rsttrace.kernel import tracefs
 
     facts = kernel.gather(tracefs.ensure_tracefs()[0])
     return "TCP_STATE" if facts.send_has_reason else "TCP_ABORT_ON_CLOSE"

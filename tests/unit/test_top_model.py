@@ -8,10 +8,10 @@ from typing import Dict, Optional
 
 import pytest
 
-from rsttrace import contract as c
+from rsttrace.capture import contract as c
 from rsttrace import top
 from rsttrace.cli import build_parser
-from rsttrace.kernel import KernelFacts
+from rsttrace.kernel.facts import KernelFacts
 from rsttrace.top import Labels, Row, TopModel
 
 

@@ -12,18 +12,23 @@ import time
 from types import FrameType
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__, argcheck, doctor, log, names, output
-from .attribution import event_attributor, metric_labeler
-from .contract import KIND_BY_NAME, TOP_ENTRIES_DEFAULT
-from .enrich import Enricher
-from .events import Event
-from .exporter import DEFAULT_PORT
-from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
-from .kernel import KernelFacts, gather
-from .reasons_text import explain
-from .session import Session, group
-from .tracefs import TracefsError, ensure_tracefs
-from .tracer import TraceOptions, TracerError
+from rsttrace import __version__
+from rsttrace.cli import argcheck
+from rsttrace.cli import doctor
+from rsttrace.sinks import log
+from rsttrace.pipeline import names
+from rsttrace.sinks import output
+from rsttrace.pipeline.attribution import event_attributor, metric_labeler
+from rsttrace.capture.contract import KIND_BY_NAME, TOP_ENTRIES_DEFAULT
+from rsttrace.enrich import Enricher
+from rsttrace.pipeline.events import Event
+from rsttrace.sinks.exporter import DEFAULT_PORT
+from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
+from rsttrace.kernel.facts import KernelFacts, gather
+from rsttrace.pipeline.reasons_text import explain
+from rsttrace.pipeline.session import Session, group
+from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs
+from rsttrace.capture.tracer import TraceOptions, TracerError
 
 EXAMPLES = """examples:
   rsttrace trace                         # every reset sent or received, one line each
@@ -445,7 +450,7 @@ TOP_KEYS = (16, 1 << 20)
 
 
 def _top_parser(sub: Any) -> None:
-    from .top import DIMENSIONS, SORTS
+    from rsttrace.top import DIMENSIONS, SORTS
 
     p = sub.add_parser("top", help="who resets whom, right now: ranked groups, refreshing (or -b batch)",
                        epilog=TOP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -481,7 +486,7 @@ def _top_parser(sub: Any) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from . import top as topmod
+    from rsttrace import top as topmod
 
     try:
         by = topmod.parse_by(args.by)
@@ -525,7 +530,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         if batch:
             topmod.run_batch(sampler, args.delay, args.iterations, labels, args.json, args.rows or None, args.sort)
         else:
-            from .topscreen import run_screen
+            from rsttrace.topscreen import run_screen
 
             run_screen(sampler, args.delay, labels, args.sort, args.iterations)
     finally:
@@ -580,8 +585,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from .exporter import LogLimiter, SeriesCap, SessionCollector
-    from .httpserve import StartingApp, bind, parse_listen
+    from rsttrace.sinks.exporter import LogLimiter, SeriesCap, SessionCollector
+    from rsttrace.sinks.httpserve import StartingApp, bind, parse_listen
 
     try:
         host, port = parse_listen(args.listen)

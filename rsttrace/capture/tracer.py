@@ -11,9 +11,9 @@ from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from rsttrace.capture import codegen
-from rsttrace.kernel import hooks
 from rsttrace.capture import contract as c
 from rsttrace.capture.bccload import BccMissing, bcc_version, captured_output, import_bcc, kernel_headers
+from rsttrace.kernel import hooks
 from rsttrace.kernel.facts import KernelFacts
 from rsttrace.kernel.tracefs import ensure_tracefs
 

@@ -13,22 +13,20 @@ from types import FrameType
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from rsttrace import __version__
-from rsttrace.cli import argcheck
-from rsttrace.cli import doctor
-from rsttrace.sinks import log
-from rsttrace.pipeline import names
-from rsttrace.sinks import output
-from rsttrace.pipeline.attribution import event_attributor, metric_labeler
 from rsttrace.capture.contract import KIND_BY_NAME, TOP_ENTRIES_DEFAULT
+from rsttrace.capture.tracer import TraceOptions, TracerError
+from rsttrace.cli import argcheck, doctor
 from rsttrace.enrich import Enricher
-from rsttrace.pipeline.events import Event
-from rsttrace.sinks.exporter import DEFAULT_PORT
-from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
 from rsttrace.kernel.facts import KernelFacts, gather
+from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs
+from rsttrace.pipeline import names
+from rsttrace.pipeline.attribution import event_attributor, metric_labeler
+from rsttrace.pipeline.events import Event
+from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
 from rsttrace.pipeline.reasons_text import explain
 from rsttrace.pipeline.session import Session, group
-from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs
-from rsttrace.capture.tracer import TraceOptions, TracerError
+from rsttrace.sinks import log, output
+from rsttrace.sinks.exporter import DEFAULT_PORT
 
 EXAMPLES = """examples:
   rsttrace trace                         # every reset sent or received, one line each

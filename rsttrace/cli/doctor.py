@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from rsttrace.kernel import hooks
 from rsttrace.capture.bccload import BccMissing, CacheError, bcc_version, import_bcc, kernel_headers
+from rsttrace.kernel import hooks
 from rsttrace.kernel.facts import RAW_ROLES, KernelFacts, gather
 from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs, find_tracefs, unreadable_tracefs
 

@@ -123,8 +123,8 @@ def test_bad_environment_refused_before_bpf(env: Dict[str, str], piece: str) -> 
 def test_unknown_reason_lists_this_kernels_names() -> None:
     require_real_kernel()
     from rsttrace.kernel import facts as kernel
-    from rsttrace.pipeline import names
     from rsttrace.kernel import tracefs
+    from rsttrace.pipeline import names
 
     line = assert_one_error(run(["trace", "--reason", "NOPE"]), "one of: ")
     listed = set(line.split("(one of: ", 1)[1].rstrip(")").split(", "))

@@ -15,9 +15,9 @@ import pytest
 from realkernel import require_real_kernel
 from testpaths import KERNEL_ROOTS
 
-from rsttrace.kernel import facts as kernel
 from rsttrace.capture.bccload import import_bcc, kernel_headers
 from rsttrace.capture.tracer import TraceOptions, Tracer
+from rsttrace.kernel import facts as kernel
 
 ROOTS = list(KERNEL_ROOTS.values())
 # the programs as trace/summary/export build them, and as `rsttrace top` does (its map, a --netns filter)

@@ -39,8 +39,8 @@ import yaml
 from realkernel import IN_CI, require_real_kernel
 
 from rsttrace import __version__
-from rsttrace.kernel import procnet
 from rsttrace.kernel import netns as nsmod
+from rsttrace.kernel import procnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAEMONSET = os.path.join(ROOT, "deploy", "kubernetes", "base", "daemonset.yaml")

@@ -47,9 +47,9 @@ def test_a_failed_raw_attach_falls_back_to_perf_tracepoints(monkeypatch: pytest.
     from realkernel import require_real_kernel
 
     require_real_kernel()
-    from rsttrace.kernel import tracefs
     from rsttrace.capture.bccload import import_bcc
     from rsttrace.capture.tracer import TraceOptions, Tracer
+    from rsttrace.kernel import tracefs
 
     facts = kernel.gather(tracefs.ensure_tracefs()[0])
     if not facts.raw_args("tcp_send_reset"):

@@ -8,8 +8,8 @@ from typing import Dict
 import pytest
 from testpaths import KERNEL_ROOTS
 
-from rsttrace.kernel import facts as kernel
 from rsttrace.capture.tracer import TraceOptions, Tracer
+from rsttrace.kernel import facts as kernel
 
 KERNELS = KERNEL_ROOTS
 

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 from testpaths import KERNEL_FORMATS
 
 from rsttrace.capture import contract as c
-from rsttrace.pipeline import events
 from rsttrace.kernel import facts as kernel
+from rsttrace.pipeline import events
 from rsttrace.pipeline.events import Attribution, Clock, Event, decode, name_reason
 from rsttrace.sinks.output import human, json_line
 

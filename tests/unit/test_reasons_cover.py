@@ -9,8 +9,8 @@ import pytest
 from testpaths import KERNEL_ROOTS
 
 from rsttrace import cli
-from rsttrace.kernel import facts as kernel
 from rsttrace.capture import contract as c
+from rsttrace.kernel import facts as kernel
 from rsttrace.pipeline.events import name_reason
 from rsttrace.pipeline.overflow import DERIVED
 

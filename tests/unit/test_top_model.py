@@ -9,10 +9,12 @@ from typing import Dict, Optional
 import pytest
 
 from rsttrace.capture import contract as c
-from rsttrace import top
 from rsttrace.cli import build_parser
 from rsttrace.kernel.facts import KernelFacts
-from rsttrace.top import Labels, Row, TopModel
+from rsttrace.pipeline import top, tophints
+from rsttrace.pipeline.top import Row, TopModel
+from rsttrace.sinks import toptext
+from rsttrace.sinks.toptext import Labels
 
 
 def sent(peer: str, port: int, reason: str = "NO_SOCKET", netns: int = 11, pid: Optional[int] = None,
@@ -84,7 +86,7 @@ def test_filters_and_spill() -> None:
 
 
 def test_hints_state_what_the_counts_show() -> None:
-    hs = {h.what: h for h in top.hints(scenario())}
+    hs = {h.what: h for h in tophints.hints(scenario())}
     assert hs["scan"].subject == {"netns": 11, "peer": "192.0.2.7", "ports": 100, "resets": 100}
     assert hs["scan"].reason == "NO_SOCKET"
     assert hs["port"].subject == {"netns": 11, "port": 8080, "peers": 50, "resets": 200}
@@ -93,9 +95,9 @@ def test_hints_state_what_the_counts_show() -> None:
     assert hs["aborts"].as_dict()["read"] == "rsttrace reasons: TCP_ABORT_ON_CLOSE"
     # below the thresholds: nothing said
     few = {sent("192.0.2.7", p): 1 for p in range(5)}
-    assert top.hints(few) == []
+    assert tophints.hints(few) == []
     flood = {Row("syn_queue_overflow", "TCPReqQFullDrop", None, None, 11, None, 80, None, None, "counters"): 500}
-    (h,) = top.hints(flood)
+    (h,) = tophints.hints(flood)
     assert h.what == "synflood" and h.subject["port"] == 80 and h.reason == "TCPReqQFullDrop"
 
 
@@ -122,8 +124,8 @@ def test_client_rows_by_the_peers_port() -> None:
     s = m.snapshot({refused: 500, sent("192.0.2.7", 8080): 3}, {}, 2, {}, now=m.started + 1)
     assert [g.key for g in s.groups] == [(("peer", 8080),), (8080,)]
     labels = Labels(proc_root="/nonexistent")
-    assert any(line.startswith("peer:8080 ") for line in top.table(s, labels))
-    d = top.as_json(s, labels)
+    assert any(line.startswith("peer:8080 ") for line in toptext.table(s, labels))
+    d = toptext.as_json(s, labels)
     assert d["rows"][0]["port"] == 8080 and d["rows"][0]["port_of"] == "peer" and "port_of" not in d["rows"][1]
 
 
@@ -132,7 +134,7 @@ def test_batch_text_and_json() -> None:
     s = m.snapshot(scenario(), {"sent": 2}, 151, {"sent": 330}, now=m.started + 2)
     labels = Labels(lambda ns: "shop/web-1" if ns == 22 else None, proc_root="/nonexistent")
     out = io.StringIO()
-    top.batch([s], labels, True, rows=1, out=out)
+    toptext.batch([s], labels, True, rows=1, out=out)
     d = json.loads(out.getvalue())
     assert d["rows"] == [{"pid": None, "comm": None, "rate": 150.0, "interval": 300, "total": 300,
                           "distinct": {"pod": 1, "kind": 1, "reason": 1, "state": 0, "laddr": 1, "port": 101,
@@ -140,11 +142,11 @@ def test_batch_text_and_json() -> None:
                           "values": {"pod": 11, "kind": "sent", "reason": "NO_SOCKET", "laddr": "10.0.0.1"}}]
     assert d["more_rows"] == 1 and d["spill"]["total"] == 2 and d["keys"] == 151
     assert {h["hint"] for h in d["hints"]} == {"scan", "port", "aborts"}
-    text = top.table(s, labels)
+    text = toptext.table(s, labels)
     assert any(line.startswith("PID/COMM") for line in text)
     assert any(line.startswith("77/app ") and "shop/web-1" in line for line in text)
     assert any("map full: 2 resets" in line for line in text)
-    assert all(len(line) <= 60 for line in top.table(s, labels, width=60))
+    assert all(len(line) <= 60 for line in toptext.table(s, labels, width=60))
 
 
 def test_cli_help_has_examples_and_refuses_bad_input() -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import curses
 from typing import Any, List, Optional
 
-from rsttrace.top import SORTS, Labels, Sampler, Snapshot, rank, table
+from rsttrace.pipeline.top import SORTS, Snapshot, rank
+from rsttrace.pipeline.topsample import Sampler
+from rsttrace.sinks.toptext import Labels, table
 
 HELP = "q quit  s sort: %s  r rate  t total  space refresh"
 

@@ -12,7 +12,7 @@ import time
 from types import FrameType
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__, argcheck, doctor, log, names, output
+from . import __version__, argcheck, cmd_read, doctor, log, names, output, pcapng
 from .attribution import event_attributor, metric_labeler
 from .contract import KIND_BY_NAME
 from .enrich import Enricher
@@ -32,6 +32,8 @@ EXAMPLES = """examples:
   rsttrace trace --kind sent -4 --port 443,8443
   rsttrace trace --addr 10.0.0.0/8 --count 100
   rsttrace trace --netns 4026532281      # one network namespace (a pod); see `lsns -t net`
+  rsttrace trace -w resets.pcapng --all-events  # every event as a packet, for Wireshark/tshark
+  rsttrace read resets.pcapng --json     # a capture as trace printed it (same filters)
   rsttrace summary --interval 10         # counts by kind/reason/state every 10 s
   rsttrace reasons                       # the running kernel's reason table, explained
   rsttrace doctor                        # what this node has and lacks, with fixes
@@ -78,15 +80,23 @@ def _say(b: Tuple[float, float], unit: str = "") -> str:
     return argcheck.bounds(b[0], b[1], unit)
 
 
-def _common_filters(p: argparse.ArgumentParser) -> None:
+def _common_filters(p: argparse.ArgumentParser, check_netns: bool = True) -> None:
     p.add_argument("--kind", action="append", metavar="KIND",
                    help="%s (comma list or repeated)" % ", ".join(KIND_BY_NAME))
     p.add_argument("--netns", type=argcheck.netns_inode, metavar="INODE",
-                   help="only this network namespace, which must exist: its inode number (1 to %d) or net:[N] as "
-                        "readlink prints it" % argcheck.NETNS_MAX)
+                   help="only this network namespace%s: its inode number (1 to %d) or net:[N] as readlink prints it"
+                        % (", which must exist" if check_netns else "", argcheck.NETNS_MAX))
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
+
+
+def _event_filter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reason", action="append", metavar="NAME",
+                   help="only these reason names (comma list, case-insensitive): the running kernel's and "
+                        "rsttrace's own; an unknown one is refused with the list (explained: `rsttrace reasons`)")
+    p.add_argument("--port", action="append", metavar="PORT", help="local or remote port, 1 to 65535 (comma list)")
+    p.add_argument("--addr", action="append", metavar="CIDR", help="local or remote address or network")
 
 
 def _session_args(p: argparse.ArgumentParser) -> None:
@@ -144,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="print events live", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_filters(t)
-    t.add_argument("--reason", action="append", metavar="NAME",
-                   help="only these reason names (comma list, case-insensitive): the running kernel's and "
-                        "rsttrace's own; an unknown one is refused with the list (explained: `rsttrace reasons`)")
-    t.add_argument("--port", action="append", metavar="PORT", help="local or remote port, 1 to 65535 (comma list)")
-    t.add_argument("--addr", action="append", metavar="CIDR", help="local or remote address or network")
+    _event_filter_args(t)
     t.add_argument("--json", action="store_true", help="one JSON object per line")
+    t.add_argument("-w", "--write", metavar="FILE",
+                   help="write every event as a packet to a pcapng file (- for stdout) that Wireshark, tshark "
+                        "and tcpdump -r open: IP+TCP headers reconstructed from the event, its reason and JSON in "
+                        "the packet comment, run totals at the end; nothing on stdout unless --json")
     t.add_argument("--duration", type=_seconds(DURATION), metavar="SECONDS",
                    help="stop after this long (%s)" % _say(DURATION, "s"))
     t.add_argument("--count", type=argcheck.integer(*COUNT), metavar="N",
@@ -203,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add namespace and pod labels to the reset and overflow counters (capped by --max-series)")
     _hook_args(e)
     _attribution_args(e)
+
+    rd = sub.add_parser("read", help="print a capture written by trace -w, as trace printed it",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  rsttrace read resets.pcapng\n"
+                               "  rsttrace read resets.pcapng --json --reason NO_SOCKET --port 443\n"
+                               "  rsttrace trace -w - --all-events | rsttrace read - --json\n")
+    rd.add_argument("file", metavar="FILE", help="a pcapng file from rsttrace trace -w (- for stdin)")
+    _common_filters(rd, check_netns=False)
+    _event_filter_args(rd)
+    rd.add_argument("--json", action="store_true", help="one JSON object per line, as trace --json printed it")
+    rd.add_argument("--count", type=argcheck.integer(*COUNT), metavar="N",
+                    help="stop after N events (%s)" % _say(COUNT))
 
     r = sub.add_parser("reasons", help="the running kernel's reason table, explained")
     r.add_argument("--json", action="store_true", help="as a JSON array")
@@ -269,9 +291,9 @@ class Stopper:
         self.event.set()
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
+def _event_filter(args: argparse.Namespace) -> EventFilter:
     try:
-        filt = EventFilter(
+        return EventFilter(
             kinds=parse_kinds(args.kind),
             reasons=names.check_reasons(args.reason, None),  # names checked once the kernel is read
             ports=parse_ports(args.port),
@@ -281,6 +303,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
         )
     except (FilterError, names.ReasonError) as e:
         raise UsageError(str(e)) from e
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    filt = _event_filter(args)
+    if args.write == "-" and args.json:
+        raise UsageError("-w - writes the capture to stdout: --json has nowhere to go (write to a file, or read "
+                         "the capture with `rsttrace read - --json`)")
     facts = prepare(need_root=not args.ebpf)
     check_against_kernel(args, facts)
     options = TraceOptions(events=True, kinds=filt.kinds, netns=args.netns, ring_pages=args.ring_pages,
@@ -300,22 +329,36 @@ def cmd_trace(args: argparse.Namespace) -> int:
             out.write("\n".join(pending) + "\n")
             pending.clear()
 
+    # -w FILE: lines on stdout only with --json (as tcpdump -w prints nothing)
+    lines = not args.write or as_json
+    capture: Optional[pcapng.Capture] = None
+
     def sink(ev: Event) -> None:
-        pending.append(line(ev))
-        if len(pending) >= 256:  # one poll can run on for as long as a storm keeps the ring fed
-            write_pending()
+        if capture is not None:
+            capture.add(ev)
+        if lines:
+            pending.append(line(ev))
+            if len(pending) >= 256:  # one poll can run on for as long as a storm keeps the ring fed
+                write_pending()
         if args.log_events:
             logger.info("tcp_reset_event", **ev.to_dict())
 
     def drain() -> None:
         write_pending()
         out.flush()
+        if capture is not None:
+            capture.flush()
 
     session = Session(facts, options, sink=sink, event_filter=filt, overflow_interval=args.overflow_interval,
                       proc_root=args.proc_root)
     if args.ebpf:
         out.write(session.tracer.source())
         return 0
+    if args.write:
+        try:  # before the compile: a path that cannot be written is one error line at once
+            capture = pcapng.Capture(args.write, session.clock.offset_ns)
+        except OSError as e:
+            raise UsageError("cannot write %s: %s" % (args.write, e.strerror or e)) from e
     enricher = _enricher(args)
     if enricher is not None:
         session.attribute = event_attributor(enricher)
@@ -323,7 +366,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     session.start()
     try:
         _log_attach(session)
-        if not as_json:
+        if lines and not as_json:
             out.write(output.HEADER + "\n")
         out.flush()
         held = [0, time.monotonic() + 5.0]
@@ -332,6 +375,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             drain()
             if time.monotonic() >= held[1]:  # say it when the budget holds events back
                 held[1] = time.monotonic() + 5.0
+                if capture is not None:  # totals so far: a capture cut short still says what it lacks
+                    capture.stats(cmd_read.run_totals(session, capture.packets))
                 n = session.lost()["suppressed"]
                 if n > held[0]:
                     logger.warning("events held back by the rate limit", held_back=n - held[0], total=n,
@@ -344,9 +389,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
         drain()
     finally:
         lost = session.lost()
+        totals = cmd_read.run_totals(session, capture.packets) if capture is not None else None
         session.close()
         if enricher is not None:
             enricher.stop()
+        if capture is not None and totals is not None:
+            try:
+                capture.stats(totals, final=True)
+                capture.close()
+            except OSError as e:  # a reader that left (-w - | head) or a full disk
+                logger.warning("capture not completed", file=args.write, error=e.strerror or str(e))
         logger.info("stopped", delivered=session.delivered, held_back=lost["suppressed"],
                     lost_kernel=lost["lost_kernel"],
                     lost_user=lost["lost_user"], counter_map_full=lost["counter_map_full"])
@@ -558,8 +610,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_read_file(args: argparse.Namespace) -> int:
+    filt = _event_filter(args)
+    try:
+        cmd_read.read(args.file, filt, as_json=args.json, count=args.count)
+    except cmd_read.ReadError as e:
+        raise UsageError(str(e)) from e
+    return 0
+
+
 COMMANDS = {"trace": cmd_trace, "summary": cmd_summary, "reasons": cmd_reasons, "doctor": cmd_doctor,
-            "export": cmd_export}
+            "export": cmd_export, "read": cmd_read_file}
 
 
 def _standard_streams() -> None:

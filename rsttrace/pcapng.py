@@ -1,0 +1,418 @@
+"""pcapng for ``rsttrace trace -w`` and ``rsttrace read``: every event as one reconstructed packet.
+
+The file holds four block types, written here with ``struct`` (python-pcapng and dpkt were
+measured against it; see the README): a Section Header Block, one Interface Description Block
+(link type raw IP, nanosecond timestamps), one Enhanced Packet Block per event and Interface
+Statistics Blocks with the run's totals (every few seconds, and a last one at exit). Each block
+is written whole, so a process killed mid-run leaves a file that opens up to its last block.
+
+**The packet** is an IPv4 or IPv6 header and a 20-byte TCP header, never payload: the event's
+addresses and ports, RST for a reset (sent: local to remote; received: remote to local), SYN for a
+connection attempt a listener dropped (``listen_overflow_syn``, ``syn_queue_overflow``,
+``listen_drop``), ACK for the handshake's final ACK an accept queue refused
+(``listen_overflow_ack``). Sequence and acknowledgment numbers are 0: the kernel's record does
+not carry them. Without an address (a counter-derived event with no listener named) the packet
+has ``0.0.0.0``/``::`` and port 0. Checksums are computed, so tcpdump -v and Wireshark's checks
+do not flag the packets.
+
+**The comment** (``opt_comment``) is one line: a short text naming the kind, reason, its source
+and the state, saying that the packet was reconstructed from a kernel event, then the event's
+``--json`` object (netns, pid/comm, cgroup_id, pod/container when attributed, count...). ``rsttrace
+read`` takes the object back, so ``read --json`` prints exactly the lines ``trace --json`` did.
+
+**One interface, the namespace in the comment** (``"netns":N``): a namespace's inode is reused by
+the next namespace at once, pods come and go by the thousand, and counter-derived events may have
+no namespace; an interface per inode would name different namespaces the same and grow without
+bound. Wireshark filters on the comment: ``frame.comment contains "\\"netns\\":4026532281"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+from dataclasses import fields
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+
+from . import __version__
+from .events import ATTRIBUTION_FIELDS, Attribution, Event
+from .output import json_line
+
+SHB, IDB, EPB, ISB, SPB = 0x0A0D0D0A, 1, 6, 5, 3
+BYTE_ORDER_MAGIC = 0x1A2B3C4D
+LINKTYPE_RAW = 101  # the packet starts with its IP header; the version nibble says 4 or 6
+OPT_END, OPT_COMMENT = 0, 1
+SHB_HARDWARE, SHB_OS, SHB_USERAPPL = 2, 3, 4
+IF_NAME, IF_DESCRIPTION, IF_TSRESOL = 2, 3, 9
+ISB_STARTTIME, ISB_ENDTIME, ISB_IFRECV, ISB_IFDROP, ISB_FILTERACCEPT, ISB_OSDROP, ISB_USRDELIV = range(2, 9)
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+# the packet each kind stands for: flags, and whether it travels remote -> local
+FLAGS = {
+    "sent": (TCP_RST, False),
+    "received": (TCP_RST, True),
+    "listen_overflow_syn": (TCP_SYN, True),
+    "syn_queue_overflow": (TCP_SYN, True),
+    "listen_drop": (TCP_SYN, True),
+    "listen_overflow_ack": (TCP_ACK, True),
+}
+RECONSTRUCTED = "packet reconstructed from a kernel event by rsttrace (headers only, seq/ack 0)"
+SECTION_COMMENT = ("TCP resets and listen-queue drops traced by rsttrace %s: each packet is reconstructed from a "
+                   "kernel event (not captured wire bytes); its comment holds the event as rsttrace trace --json "
+                   "prints it. Run totals (delivered, held back, lost, in-kernel counters) are in the interface "
+                   "statistics comments, the last one written at exit." % __version__)
+
+_EPB_HEAD = struct.Struct("<IIIIIII")  # type, total length, interface, ts high, ts low, captured, original
+_OPT = struct.Struct("<HH")
+_U32 = struct.Struct("<I")
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_IP6 = struct.Struct("!IHBB16s16s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
+_END = b"\0\0\0\0"
+
+
+def _pad(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _option(code: int, value: bytes) -> bytes:
+    return _OPT.pack(code, len(value)) + value + _PADS[len(value) & 3]
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    total = 12 + len(body)
+    return _U32.pack(btype) + _U32.pack(total) + body + _U32.pack(total)
+
+
+def _fold(n: int) -> int:
+    """The one's-complement checksum of a big-endian number's 16-bit words: the sum of the words
+    is the number modulo 0xffff (2**16 = 1 mod 0xffff), with 0xffff standing for a non-zero 0."""
+    r = n % 0xFFFF
+    if r == 0 and n:
+        r = 0xFFFF
+    return 0xFFFF - r
+
+
+_ADDR_MAX = 4096
+_addr_bytes: Dict[Tuple[bool, Optional[str]], bytes] = {}
+
+
+def _pton(v6: bool, addr: Optional[str]) -> bytes:
+    key = (v6, addr)
+    b = _addr_bytes.get(key)
+    if b is None:
+        if addr is None:
+            b = bytes(16 if v6 else 4)
+        else:
+            b = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr)
+        if len(_addr_bytes) >= _ADDR_MAX:
+            _addr_bytes.clear()
+        _addr_bytes[key] = b
+    return b
+
+
+def packet(ev: Event) -> bytes:
+    """The IP + TCP header an event stands for (module docstring)."""
+    flags, inbound = FLAGS.get(ev.kind, (TCP_RST, False))
+    v6 = ev.family == "ipv6"
+    la, ra = _pton(v6, ev.laddr), _pton(v6, ev.raddr)
+    lp, rp = ev.lport or 0, ev.rport or 0
+    if inbound:
+        src, dst, sport, dport = ra, la, rp, lp
+    else:
+        src, dst, sport, dport = la, ra, lp, rp
+    # One's-complement sums, each from the words that are not zero: the TCP header (ports, data
+    # offset 5 with the flags) and the pseudo-header (addresses, protocol 6, TCP length 20).
+    addrs = int.from_bytes(src + dst, "big")
+    tcp = _TCP.pack(sport, dport, 0, 0, 0x50, flags, 0, _fold(addrs + 26 + sport + dport + 0x5000 + flags), 0)
+    if v6:
+        return _IP6.pack(0x60000000, 20, 6, 64, src, dst) + tcp
+    # version/IHL/TOS 0x4500, total length 40, DF 0x4000, TTL 64/protocol 6 0x4006, the addresses
+    ip_sum = _fold(0x4500 + 40 + 0x4000 + 0x4006 + addrs)
+    return _IP4.pack(0x45, 0, 40, 0, 0x4000, 64, 6, ip_sum, src, dst) + tcp
+
+
+_prefix_cache: Dict[Tuple[str, Optional[str], Optional[str], Optional[str]], str] = {}
+
+
+def comment(ev: Event) -> str:
+    """The packet's comment: a short text, then the event's --json object."""
+    key = (ev.kind, ev.reason, ev.reason_source, ev.state)
+    prefix = _prefix_cache.get(key)
+    if prefix is None:
+        if len(_prefix_cache) >= 4096:
+            _prefix_cache.clear()
+        prefix = _prefix_cache[key] = "rsttrace %s %s (reason %s, state %s); %s: " % (
+            ev.kind, ev.reason or "-", ev.reason_source or "-", ev.state or "-", RECONSTRUCTED)
+    return prefix + json_line(ev)
+
+
+class Writer:
+    """Blocks as bytes; the caller writes them (``Capture`` does, in whole blocks)."""
+
+    def __init__(self, clock_offset_ns: int) -> None:
+        self.offset = clock_offset_ns  # CLOCK_MONOTONIC -> wall clock, the events' Clock's
+
+    def header(self, hardware: str = "", interface: str = "rsttrace") -> bytes:
+        opts = (_option(OPT_COMMENT, SECTION_COMMENT.encode())
+                + _option(SHB_OS, ("Linux %s" % os.uname().release).encode())
+                + _option(SHB_USERAPPL, ("rsttrace %s" % __version__).encode()))
+        if hardware:
+            opts += _option(SHB_HARDWARE, hardware.encode())
+        shb = _block(SHB, _U32.pack(BYTE_ORDER_MAGIC) + struct.pack("<HHq", 1, 0, -1) + opts + _END)
+        idb_opts = (_option(IF_NAME, interface.encode())
+                    + _option(IF_DESCRIPTION, b"TCP resets and listen drops, reconstructed from kernel events")
+                    + _option(IF_TSRESOL, b"\x09") + _END)
+        idb = _block(IDB, struct.pack("<HHI", LINKTYPE_RAW, 0, 0) + idb_opts)
+        return shb + idb
+
+    def event(self, ev: Event) -> bytes:
+        """One Enhanced Packet Block: the hot path of ``trace -w``."""
+        pkt = packet(ev)
+        text = comment(ev).encode()
+        n = len(text)
+        plen = len(pkt)  # 40 or 60: a multiple of 4
+        total = 28 + plen + 4 + _pad(n) + 4 + 4
+        ts = ev.ktime_ns + self.offset
+        return b"".join((_EPB_HEAD.pack(EPB, total, 0, ts >> 32, ts & 0xFFFFFFFF, plen, plen), pkt,
+                         _OPT.pack(OPT_COMMENT, n), text, _PADS[n & 3], _END, _U32.pack(total)))
+
+    def stats(self, totals: Dict[str, Any], start_ns: int, now_ns: int, final: bool) -> bytes:
+        """An Interface Statistics Block: the standard counts (isb_usrdeliv: delivered,
+        isb_ifdrop: lost in the kernel's buffer, isb_osdrop: held back by the event budget) and a
+        comment with every total as JSON (``totals``)."""
+        what = "run totals at exit" if final else "run totals so far (a later block supersedes this)"
+        text = "rsttrace %s: %s" % (what, json.dumps(dict(totals, final=final), separators=(",", ":"), sort_keys=True))
+        opts = b"".join((
+            _option(OPT_COMMENT, text.encode()),
+            _option(ISB_STARTTIME, struct.pack("<II", start_ns >> 32, start_ns & 0xFFFFFFFF)),
+            _option(ISB_ENDTIME, struct.pack("<II", now_ns >> 32, now_ns & 0xFFFFFFFF)),
+            _option(ISB_IFDROP, struct.pack("<Q", int(totals.get("lost_kernel", 0)))),
+            _option(ISB_OSDROP, struct.pack("<Q", int(totals.get("held_back", 0)))),
+            _option(ISB_USRDELIV, struct.pack("<Q", int(totals.get("delivered", 0)))),
+            _END,
+        ))
+        return _block(ISB, struct.pack("<III", 0, now_ns >> 32, now_ns & 0xFFFFFFFF) + opts)
+
+
+class Capture:
+    """A pcapng file being written: blocks gathered per poll and written whole with os.write, so
+    no block is ever half in the file unless the process dies inside that one write."""
+
+    def __init__(self, path: str, clock_offset_ns: int, hardware: str = "") -> None:
+        self.path = path
+        if path == "-":
+            sys.stdout.flush()
+            self.fd = sys.stdout.fileno()
+            self._own = False
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            self._own = True
+        self.writer = Writer(clock_offset_ns)
+        self.pending: List[bytes] = [self.writer.header(hardware)]
+        self.packets = 0
+        self.start_ns = clock_offset_ns + _monotonic_ns()
+        self.flush()
+
+    def add(self, ev: Event) -> None:
+        self.pending.append(self.writer.event(ev))
+        self.packets += 1
+        if len(self.pending) >= 256:
+            self.flush()
+
+    def stats(self, totals: Dict[str, Any], final: bool = False) -> None:
+        now = self.writer.offset + _monotonic_ns()
+        self.pending.append(self.writer.stats(totals, self.start_ns, now, final))
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        data = memoryview(b"".join(self.pending))
+        self.pending.clear()
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+
+    def close(self) -> None:
+        self.flush()
+        if self._own:
+            os.close(self.fd)
+
+
+def _monotonic_ns() -> int:
+    import time
+
+    return time.monotonic_ns()
+
+
+# --- reading ---------------------------------------------------------------------------------
+class FormatError(ValueError):
+    """Not a pcapng file (or not one this reader understands)."""
+
+
+class Packet:
+    __slots__ = ("interface", "ts", "data", "comments", "linktype", "tsresol")
+
+    def __init__(self, interface: int, ts: int, data: bytes, comments: List[str], linktype: int,
+                 tsresol: int) -> None:
+        self.interface, self.ts, self.data, self.comments = interface, ts, data, comments
+        self.linktype, self.tsresol = linktype, tsresol
+
+
+class Reader:
+    """Blocks of a pcapng file, in either byte order, several sections allowed. A file that ends
+    inside a block (a capture killed mid-write) yields every whole block and sets ``truncated``."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.truncated = False
+        self.endian = "<"
+        self.interfaces: List[Tuple[int, int]] = []  # (link type, ts units per second)
+        self.stats: List[Dict[str, Any]] = []  # each ISB: its options, comments as 'comments'
+        self.section_comments: List[str] = []
+        self.blocks = 0
+
+    def _read(self, n: int) -> Optional[bytes]:
+        b = self.f.read(n)
+        if len(b) < n:
+            if b:
+                self.truncated = True
+            return None
+        return b
+
+    def blocks_iter(self) -> Iterator[Tuple[int, bytes]]:
+        first = True
+        while True:
+            head = self._read(8)
+            if head is None:
+                return
+            btype = struct.unpack("<I", head[:4])[0]
+            if btype == SHB:  # its own byte order magic decides how to read it and its section
+                magic = self._read(4)
+                if magic is None:
+                    return
+                if struct.unpack("<I", magic)[0] == BYTE_ORDER_MAGIC:
+                    self.endian = "<"
+                elif struct.unpack(">I", magic)[0] == BYTE_ORDER_MAGIC:
+                    self.endian = ">"
+                else:
+                    raise FormatError("not a pcapng file (bad byte-order magic)")
+                total = struct.unpack(self.endian + "I", head[4:])[0]
+                if total < 28 or total % 4:
+                    raise FormatError("bad section header length %d" % total)
+                rest = self._read(total - 12)
+                if rest is None:
+                    return
+                body = magic + rest[:-4]
+            elif first:
+                raise FormatError("not a pcapng file (it must start with a section header block)")
+            else:
+                total = struct.unpack(self.endian + "I", head[4:])[0]
+                btype = struct.unpack(self.endian + "I", head[:4])[0]
+                if total < 12 or total % 4:
+                    raise FormatError("bad block length %d" % total)
+                rest = self._read(total - 8)
+                if rest is None:
+                    return
+                body = rest[:-4]
+            first = False
+            self.blocks += 1
+            yield btype, body
+
+    def _options(self, data: bytes) -> List[Tuple[int, bytes]]:
+        out: List[Tuple[int, bytes]] = []
+        i, e = 0, self.endian
+        while i + 4 <= len(data):
+            code, length = struct.unpack_from(e + "HH", data, i)
+            if code == OPT_END:
+                break
+            out.append((code, data[i + 4:i + 4 + length]))
+            i += 4 + _pad(length)
+        return out
+
+    def packets(self) -> Iterator[Packet]:
+        e = self.endian
+        for btype, body in self.blocks_iter():
+            e = self.endian
+            if btype == SHB:
+                self.interfaces = []
+                self.section_comments += [v.decode("utf-8", "replace") for c, v in self._options(body[16:])
+                                          if c == OPT_COMMENT]
+            elif btype == IDB:
+                linktype = struct.unpack_from(e + "H", body, 0)[0]
+                resol = 1000000
+                for code, v in self._options(body[8:]):
+                    if code == IF_TSRESOL and v:
+                        r = v[0]
+                        resol = 2 ** (r & 0x7F) if r & 0x80 else 10 ** r
+                self.interfaces.append((linktype, resol))
+            elif btype == EPB:
+                iface, hi, lo, caplen, _orig = struct.unpack_from(e + "IIIII", body, 0)
+                data = body[20:20 + caplen]
+                opts = self._options(body[20 + _pad(caplen):])
+                linktype, resol = self.interfaces[iface] if iface < len(self.interfaces) else (-1, 1000000)
+                yield Packet(iface, (hi << 32) | lo, data,
+                             [v.decode("utf-8", "replace") for c, v in opts if c == OPT_COMMENT], linktype, resol)
+            elif btype == SPB:
+                linktype, resol = self.interfaces[0] if self.interfaces else (-1, 1000000)
+                yield Packet(0, 0, body[4:], [], linktype, resol)
+            elif btype == ISB:
+                st: Dict[str, Any] = {"comments": []}
+                names = {ISB_IFRECV: "ifrecv", ISB_IFDROP: "ifdrop", ISB_FILTERACCEPT: "filteraccept",
+                         ISB_OSDROP: "osdrop", ISB_USRDELIV: "usrdeliv"}
+                for code, v in self._options(body[12:]):
+                    if code == OPT_COMMENT:
+                        st["comments"].append(v.decode("utf-8", "replace"))
+                    elif code in names and len(v) == 8:
+                        st[names[code]] = struct.unpack(e + "Q", v)[0]
+                self.stats.append(st)
+
+
+_EVENT_FIELDS = {f.name for f in fields(Event)} - {"attribution"}
+
+
+def event_of(comments: List[str]) -> Optional[Event]:
+    """The event an rsttrace packet's comment holds (None for any other packet)."""
+    for text in comments:
+        if not text.startswith("rsttrace "):
+            continue
+        i = text.find("{")
+        if i < 0:
+            continue
+        try:
+            d = json.loads(text[i:])
+        except ValueError:
+            continue
+        if isinstance(d, dict):
+            return event_from_dict(d)
+    return None
+
+
+def event_from_dict(d: Dict[str, Any]) -> Event:
+    """An Event from its --json object; keys a newer rsttrace added are ignored."""
+    kw = {k: v for k, v in d.items() if k in _EVENT_FIELDS}
+    if isinstance(kw.get("listeners"), list):
+        kw["listeners"] = tuple(kw["listeners"])
+    ev = Event(**kw)
+    if any(k in d for k in ATTRIBUTION_FIELDS):
+        ev.attribution = Attribution(**{k: d.get(k, "") for k in ATTRIBUTION_FIELDS})
+    return ev
+
+
+def totals_of(stats: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The last statistics block's totals (the run's, if it ended normally)."""
+    for st in reversed(stats):
+        for text in st.get("comments", []):
+            i = text.find("{")
+            if text.startswith("rsttrace ") and i >= 0:
+                try:
+                    d = json.loads(text[i:])
+                except ValueError:
+                    continue
+                if isinstance(d, dict):
+                    return d
+    return None

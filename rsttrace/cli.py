@@ -349,16 +349,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if capture is not None:
             capture.flush()
 
+    if args.write and not args.ebpf:
+        try:  # before the compile: a path that cannot be written is one error line at once
+            capture = pcapng.Capture(args.write)
+        except OSError as e:
+            raise UsageError("cannot write %s: %s" % (args.write, e.strerror or e)) from e
     session = Session(facts, options, sink=sink, event_filter=filt, overflow_interval=args.overflow_interval,
                       proc_root=args.proc_root)
     if args.ebpf:
         out.write(session.tracer.source())
         return 0
-    if args.write:
-        try:  # before the compile: a path that cannot be written is one error line at once
-            capture = pcapng.Capture(args.write, session.clock.offset_ns)
-        except OSError as e:
-            raise UsageError("cannot write %s: %s" % (args.write, e.strerror or e)) from e
+    if capture is not None:
+        capture.set_clock(session.clock.offset_ns)  # packet times equal the events' time
     enricher = _enricher(args)
     if enricher is not None:
         session.attribute = event_attributor(enricher)

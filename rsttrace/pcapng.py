@@ -33,6 +33,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from dataclasses import fields
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
@@ -96,43 +97,39 @@ def _fold(n: int) -> int:
     return 0xFFFF - r
 
 
-_ADDR_MAX = 4096
-_addr_bytes: Dict[Tuple[bool, Optional[str]], bytes] = {}
+_ROUTE_MAX = 4096  # (family, addresses, direction) combinations remembered; a storm repeats a few
+_routes: Dict[Tuple[bool, Optional[str], Optional[str], bool], Tuple[bytes, int]] = {}
 
 
-def _pton(v6: bool, addr: Optional[str]) -> bytes:
-    key = (v6, addr)
-    b = _addr_bytes.get(key)
-    if b is None:
-        if addr is None:
-            b = bytes(16 if v6 else 4)
-        else:
-            b = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr)
-        if len(_addr_bytes) >= _ADDR_MAX:
-            _addr_bytes.clear()
-        _addr_bytes[key] = b
-    return b
+def _route(v6: bool, laddr: Optional[str], raddr: Optional[str], inbound: bool) -> Tuple[bytes, int]:
+    """The IP header for these addresses, in this direction, and the part of the TCP checksum
+    it fixes (the pseudo-header's addresses, protocol and length): computed once per pair."""
+    af, n = (socket.AF_INET6, 16) if v6 else (socket.AF_INET, 4)
+    la = socket.inet_pton(af, laddr) if laddr else bytes(n)
+    ra = socket.inet_pton(af, raddr) if raddr else bytes(n)
+    src, dst = (ra, la) if inbound else (la, ra)
+    addrs = int.from_bytes(src + dst, "big")
+    if v6:
+        ip = _IP6.pack(0x60000000, 20, 6, 64, src, dst)
+    else:
+        # version/IHL/TOS 0x4500, total length 40, DF 0x4000, TTL 64/protocol 6 0x4006, the addresses
+        ip = _IP4.pack(0x45, 0, 40, 0, 0x4000, 64, 6, _fold(0x4500 + 40 + 0x4000 + 0x4006 + addrs), src, dst)
+    if len(_routes) >= _ROUTE_MAX:
+        _routes.clear()
+    # one's-complement sums from the words that are not zero: the pseudo-header's addresses,
+    # protocol 6 and TCP length 20, and the TCP header's data offset (5 words)
+    r = _routes[(v6, laddr, raddr, inbound)] = (ip, addrs % 0xFFFF + 26 + 0x5000)
+    return r
 
 
 def packet(ev: Event) -> bytes:
     """The IP + TCP header an event stands for (module docstring)."""
     flags, inbound = FLAGS.get(ev.kind, (TCP_RST, False))
     v6 = ev.family == "ipv6"
-    la, ra = _pton(v6, ev.laddr), _pton(v6, ev.raddr)
+    ip, partial = _routes.get((v6, ev.laddr, ev.raddr, inbound)) or _route(v6, ev.laddr, ev.raddr, inbound)
     lp, rp = ev.lport or 0, ev.rport or 0
-    if inbound:
-        src, dst, sport, dport = ra, la, rp, lp
-    else:
-        src, dst, sport, dport = la, ra, lp, rp
-    # One's-complement sums, each from the words that are not zero: the TCP header (ports, data
-    # offset 5 with the flags) and the pseudo-header (addresses, protocol 6, TCP length 20).
-    addrs = int.from_bytes(src + dst, "big")
-    tcp = _TCP.pack(sport, dport, 0, 0, 0x50, flags, 0, _fold(addrs + 26 + sport + dport + 0x5000 + flags), 0)
-    if v6:
-        return _IP6.pack(0x60000000, 20, 6, 64, src, dst) + tcp
-    # version/IHL/TOS 0x4500, total length 40, DF 0x4000, TTL 64/protocol 6 0x4006, the addresses
-    ip_sum = _fold(0x4500 + 40 + 0x4000 + 0x4006 + addrs)
-    return _IP4.pack(0x45, 0, 40, 0, 0x4000, 64, 6, ip_sum, src, dst) + tcp
+    sport, dport = (rp, lp) if inbound else (lp, rp)
+    return ip + _TCP.pack(sport, dport, 0, 0, 0x50, flags, 0, _fold(partial + sport + dport + flags), 0)
 
 
 _prefix_cache: Dict[Tuple[str, Optional[str], Optional[str], Optional[str]], str] = {}
@@ -202,7 +199,9 @@ class Capture:
     """A pcapng file being written: blocks gathered per poll and written whole with os.write, so
     no block is ever half in the file unless the process dies inside that one write."""
 
-    def __init__(self, path: str, clock_offset_ns: int, hardware: str = "") -> None:
+    def __init__(self, path: str, clock_offset_ns: Optional[int] = None, hardware: str = "") -> None:
+        """Opens (creates, truncates) ``path`` at once, so a path that cannot be written is said
+        before anything is compiled; ``clock_offset_ns`` may come later (``set_clock``)."""
         self.path = path
         if path == "-":
             sys.stdout.flush()
@@ -211,11 +210,18 @@ class Capture:
         else:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             self._own = True
-        self.writer = Writer(clock_offset_ns)
+        self.writer = Writer(0)
         self.pending: List[bytes] = [self.writer.header(hardware)]
         self.packets = 0
-        self.start_ns = clock_offset_ns + _monotonic_ns()
+        self.start_ns = 0
+        self.set_clock(clock_offset_ns if clock_offset_ns is not None else time.time_ns() - time.monotonic_ns())
         self.flush()
+
+    def set_clock(self, clock_offset_ns: int) -> None:
+        """CLOCK_MONOTONIC -> wall clock: the events' own Clock's offset, so packet times equal
+        their ``time``."""
+        self.writer.offset = clock_offset_ns
+        self.start_ns = clock_offset_ns + time.monotonic_ns()
 
     def add(self, ev: Event) -> None:
         self.pending.append(self.writer.event(ev))
@@ -224,7 +230,7 @@ class Capture:
             self.flush()
 
     def stats(self, totals: Dict[str, Any], final: bool = False) -> None:
-        now = self.writer.offset + _monotonic_ns()
+        now = self.writer.offset + time.monotonic_ns()
         self.pending.append(self.writer.stats(totals, self.start_ns, now, final))
         self.flush()
 
@@ -241,12 +247,6 @@ class Capture:
         self.flush()
         if self._own:
             os.close(self.fd)
-
-
-def _monotonic_ns() -> int:
-    import time
-
-    return time.monotonic_ns()
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -276,10 +276,11 @@ class Reader:
         self.section_comments: List[str] = []
         self.blocks = 0
 
-    def _read(self, n: int) -> Optional[bytes]:
+    def _read(self, n: int, inside: bool = True) -> Optional[bytes]:
+        """n bytes, or None at the end of the file; ``inside`` a block, any end is a cut one."""
         b = self.f.read(n)
         if len(b) < n:
-            if b:
+            if b or inside:
                 self.truncated = True
             return None
         return b
@@ -287,8 +288,11 @@ class Reader:
     def blocks_iter(self) -> Iterator[Tuple[int, bytes]]:
         first = True
         while True:
-            head = self._read(8)
+            head = self._read(8, inside=False)
             if head is None:
+                if first:
+                    raise FormatError("not a pcapng file (%s)" % ("cut inside its first block" if self.truncated
+                                                                  else "empty"))
                 return
             btype = struct.unpack("<I", head[:4])[0]
             if btype == SHB:  # its own byte order magic decides how to read it and its section

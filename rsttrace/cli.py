@@ -378,7 +378,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             if time.monotonic() >= held[1]:  # say it when the budget holds events back
                 held[1] = time.monotonic() + 5.0
                 if capture is not None:  # totals so far: a capture cut short still says what it lacks
-                    capture.stats(cmd_read.run_totals(session, capture.packets))
+                    capture.stats(cmd_read.run_totals(session, capture.packets, filt))
                 n = session.lost()["suppressed"]
                 if n > held[0]:
                     logger.warning("events held back by the rate limit", held_back=n - held[0], total=n,
@@ -391,7 +391,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         drain()
     finally:
         lost = session.lost()
-        totals = cmd_read.run_totals(session, capture.packets) if capture is not None else None
+        totals = cmd_read.run_totals(session, capture.packets, filt) if capture is not None else None
         session.close()
         if enricher is not None:
             enricher.stop()

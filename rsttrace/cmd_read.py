@@ -16,15 +16,23 @@ from .filters import EventFilter
 from .session import Session, group
 
 
-def run_totals(session: Session, packets: int) -> Dict[str, Any]:
+def run_totals(session: Session, packets: int, filt: Optional[EventFilter] = None) -> Dict[str, Any]:
     """What a capture does not contain, for its statistics blocks: events delivered (written),
-    held back by the event budget, lost, and the in-kernel counters (kind, reason, state)."""
+    held back by the event budget, lost, and the in-kernel counters (kind, reason, state) within
+    the trace's kind, namespace and family filters, as ``summary`` shows them (the counters
+    always count everything; reasons, ports and addresses are not filtered in them)."""
     lost = session.lost()
+    f = filt or EventFilter()
+    counts = {k: n for k, n in session.counts().items()
+              if (f.kinds is None or k.kind in f.kinds) and (f.netns is None or k.netns == f.netns)
+              and (f.family is None or k.family in (f.family, None))}
     counters: List[Dict[str, Any]] = [
-        {"kind": k, "reason": r, "state": s, "total": n} for (k, r, s), n in sorted(group(session.counts()).items())]
+        {"kind": k, "reason": r, "state": s, "total": n} for (k, r, s), n in sorted(group(counts).items())]
+    scope = {"netns": f.netns, "kinds": f.kinds, "family": f.family}
     return {"delivered": session.delivered, "packets": packets, "held_back": lost["suppressed"],
             "lost_kernel": lost["lost_kernel"], "lost_user": lost["lost_user"],
-            "counter_map_full": lost["counter_map_full"], "kernel_counters": counters}
+            "counter_map_full": lost["counter_map_full"], "kernel_counters": counters,
+            "kernel_counters_scope": {k: v for k, v in scope.items() if v is not None}}
 
 
 class ReadError(Exception):

@@ -51,10 +51,10 @@ def read(path: str, filt: EventFilter, as_json: bool, count: Optional[int] = Non
     line = output.json_line if as_json else output.human
     shown = packets = foreign = 0
     reader = pcapng.Reader(f)
-    pending: List[str] = []
+    # the human header goes out with the first lines (or at the end): a file that is not a
+    # capture leaves stdout empty, as every bad input does
+    pending: List[str] = [] if as_json else [output.HEADER]
     try:
-        if not as_json:
-            out.write(output.HEADER + "\n")
         try:
             for pkt in reader.packets():
                 packets += 1

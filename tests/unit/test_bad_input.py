@@ -114,6 +114,11 @@ PARSE_LEVEL: List[Tuple[List[str], str]] = [
     (["doctor", "--no-load", "--bogus"], "unrecognized arguments: --bogus"),
     (["export", "--max-series", "\u0661"], "not a whole number"),
     (["summary", "--netns", "0"], "is not a netns inode"),
+    # captures: trace -w, read
+    (["trace", "-w"], "argument -w/--write: expected one argument"),
+    (["read"], "the following arguments are required: FILE"),
+    (["read", "x.pcapng", "--count", "0"], "not a whole number"),
+    (["read", "x.pcapng", "--duration", "5"], "unrecognized arguments: --duration"),
 ]
 
 # Caught by cmd_trace/cmd_summary before the kernel is read (filters, reason syntax).
@@ -143,6 +148,13 @@ BEFORE_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--reason", ","], "--reason ',': an empty name"),
     (["trace", "--reason", " , "], "an empty name"),
     (["trace", "--reason", "NO_SOCKET,"], "an empty name"),
+    (["trace", "-w", "-", "--json"], "-w - writes the capture to stdout: --json has nowhere to go"),
+    # read never reads the kernel: its filters and its file are judged alone
+    (["read", "x.pcapng", "--port", "http"], "bad port 'http'"),
+    (["read", "x.pcapng", "--reason", ","], "an empty name"),
+    (["read", "/nonexistent/x.pcapng"], "cannot read /nonexistent/x.pcapng: No such file or directory"),
+    (["read", "/etc/passwd"], "/etc/passwd: not a pcapng file (it must start with a section header block)"),
+    (["read", "/x\x1b[2J"], "cannot read /x\\x1b[2J"),  # escaped
 ]
 
 # Need the kernel's names or what exists now: judged after the (fixture) kernel is read.
@@ -157,6 +169,9 @@ AGAINST_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--proc-root", "/nonexistent/proc"], "--proc-root /nonexistent/proc: no such directory"),
     (["trace", "--proc-root", "/x\x1b[2J\x07"], "--proc-root /x\\x1b[2J\\x07: no such"),  # escaped
     (["trace", "--netns", " 4294967295 "], "--netns 4294967295: no network namespace"),
+    # the capture file is opened before anything is compiled
+    (["trace", "-w", "/nonexistent/dir/x.pcapng"], "cannot write /nonexistent/dir/x.pcapng: No such file or directory"),
+    (["trace", "-w", "/etc"], "cannot write /etc: Is a directory"),
 ]
 
 

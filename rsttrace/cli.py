@@ -361,6 +361,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return 0
     if capture is not None:
         capture.set_clock(session.clock.offset_ns)  # packet times equal the events' time
+        if not lines and not args.log_events:
+            session.sink = capture.add  # the capture alone: no call in between
     enricher = _enricher(args)
     if enricher is not None:
         session.attribute = event_attributor(enricher)

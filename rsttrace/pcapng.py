@@ -65,7 +65,10 @@ SECTION_COMMENT = ("TCP resets and listen-queue drops traced by rsttrace %s: eac
                    "prints it. Run totals (delivered, held back, lost, in-kernel counters) are in the interface "
                    "statistics comments, the last one written at exit." % __version__)
 
-_EPB_HEAD = struct.Struct("<IIIIIII")  # type, total length, interface, ts high, ts low, captured, original
+# an Enhanced Packet Block up to its comment's text, in one pack: type, total length, interface,
+# ts high, ts low, captured and original length, the packet (IPv4 40 bytes, IPv6 60), the
+# comment option's code and length
+_EPB_HEAD = {40: struct.Struct("<IIIIIII40sHH"), 60: struct.Struct("<IIIIIII60sHH")}
 _OPT = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
@@ -73,6 +76,7 @@ _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 _END = b"\0\0\0\0"
+_TAILS = tuple(p + _END for p in _PADS)  # the comment's padding and opt_endofopt
 
 
 def _pad(n: int) -> int:
@@ -135,8 +139,7 @@ def packet(ev: Event) -> bytes:
 _prefix_cache: Dict[Tuple[str, Optional[str], Optional[str], Optional[str]], str] = {}
 
 
-def comment(ev: Event) -> str:
-    """The packet's comment: a short text, then the event's --json object."""
+def _prefix(ev: Event) -> str:
     key = (ev.kind, ev.reason, ev.reason_source, ev.state)
     prefix = _prefix_cache.get(key)
     if prefix is None:
@@ -144,7 +147,13 @@ def comment(ev: Event) -> str:
             _prefix_cache.clear()
         prefix = _prefix_cache[key] = "rsttrace %s %s (reason %s, state %s); %s: " % (
             ev.kind, ev.reason or "-", ev.reason_source or "-", ev.state or "-", RECONSTRUCTED)
-    return prefix + json_line(ev)
+    return prefix
+
+
+def comment(ev: Event) -> str:
+    """The packet's comment: a short text, then the event's --json object (ASCII: json_line
+    escapes, the names are the kernel's)."""
+    return _prefix(ev) + json_line(ev)
 
 
 class Writer:
@@ -169,13 +178,13 @@ class Writer:
     def event(self, ev: Event) -> bytes:
         """One Enhanced Packet Block: the hot path of ``trace -w``."""
         pkt = packet(ev)
-        text = comment(ev).encode()
+        text = (_prefix(ev) + json_line(ev)).encode()
         n = len(text)
         plen = len(pkt)  # 40 or 60: a multiple of 4
         total = 28 + plen + 4 + _pad(n) + 4 + 4
         ts = ev.ktime_ns + self.offset
-        return b"".join((_EPB_HEAD.pack(EPB, total, 0, ts >> 32, ts & 0xFFFFFFFF, plen, plen), pkt,
-                         _OPT.pack(OPT_COMMENT, n), text, _PADS[n & 3], _END, _U32.pack(total)))
+        return (_EPB_HEAD[plen].pack(EPB, total, 0, ts >> 32, ts & 0xFFFFFFFF, plen, plen, pkt, OPT_COMMENT, n)
+                + text + _TAILS[n & 3] + _U32.pack(total))
 
     def stats(self, totals: Dict[str, Any], start_ns: int, now_ns: int, final: bool) -> bytes:
         """An Interface Statistics Block: the standard counts (isb_usrdeliv: delivered,

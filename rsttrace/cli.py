@@ -334,12 +334,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     capture: Optional[pcapng.Capture] = None
 
     def sink(ev: Event) -> None:
-        if capture is not None:
-            capture.add(ev)
-        if lines:
-            pending.append(line(ev))
-            if len(pending) >= 256:  # one poll can run on for as long as a storm keeps the ring fed
-                write_pending()
+        pending.append(line(ev))
+        if len(pending) >= 256:  # one poll can run on for as long as a storm keeps the ring fed
+            write_pending()
         if args.log_events:
             logger.info("tcp_reset_event", **ev.to_dict())
 
@@ -361,8 +358,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return 0
     if capture is not None:
         capture.set_clock(session.clock.offset_ns)  # packet times equal the events' time
-        if not lines and not args.log_events:
-            session.sink = capture.add  # the capture alone: no call in between
+        add = capture.add
+        if lines:
+            def tee(ev: Event) -> None:
+                add(ev)
+                sink(ev)
+            session.sink = tee
+        elif args.log_events:
+            def add_and_log(ev: Event) -> None:
+                add(ev)
+                logger.info("tcp_reset_event", **ev.to_dict())
+            session.sink = add_and_log
+        else:
+            session.sink = add  # the capture alone: no call in between
     enricher = _enricher(args)
     if enricher is not None:
         session.attribute = event_attributor(enricher)

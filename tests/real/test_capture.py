@@ -178,7 +178,7 @@ def test_killed_capture_opens_up_to_its_last_whole_block(ns: Netns, tmp_path: Pa
         assert proc.stdout is not None and proc.stdout.read(0) == ""  # -w alone: nothing on stdout
         th.start()
         end = time.monotonic() + 30
-        while os.path.getsize(cap) < 200_000 and time.monotonic() < end:
+        while os.path.getsize(cap) < 400_000 and time.monotonic() < end:  # ~700 packets
             time.sleep(0.05)
         proc.kill()  # SIGKILL while events keep coming: no statistics block at the end
         proc.wait(timeout=10)
@@ -195,7 +195,7 @@ def test_killed_capture_opens_up_to_its_last_whole_block(ns: Netns, tmp_path: Pa
     # the writer writes whole blocks in one write(): tshark reads exactly what rsttrace reads
     rc, n = tshark_count(cap)
     assert n == len(whole)
-    assert rc == (2 if r.truncated else 0)
+    assert (rc != 0) == r.truncated  # tshark says so only when the kill cut a write short
     # cut inside the last packet block, as a crash inside that write would: every block before it opens
     cut = str(tmp_path / "cut.pcapng")
     ends, pos = [], 0

@@ -12,7 +12,7 @@ from typing import List
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testpaths import ROOT  # noqa: E402
+from tests.testpaths import ROOT  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "real"))
 

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from netlab import Netns
+from tests.real.netlab import Netns
 
-from rsttrace import procnet
+from rsttrace.kernel import procnet
 
 KERNEL = (("Tcp", "OutRsts"), ("Tcp", "EstabResets"), ("Tcp", "AttemptFails"), ("TcpExt", "EmbryonicRsts"),
           ("TcpExt", "ListenOverflows"), ("TcpExt", "ListenDrops"), ("TcpExt", "TCPReqQFullDrop"),

@@ -15,7 +15,7 @@ import uuid
 from typing import Dict, List
 
 import pytest
-from netlab import Netns
+from tests.real.netlab import Netns
 
 from rsttrace.enrich import find_cgroup2_root
 

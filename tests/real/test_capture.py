@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from netlab import Netns, closed_port, connect_refused, delta, linger0, overflow_on_ack, pair
-from test_cli import rsttrace, wait_ready
+from tests.real.netlab import Netns, closed_port, connect_refused, delta, linger0, overflow_on_ack, pair
+from tests.real.test_cli import rsttrace, wait_ready
 
-from rsttrace import pcapng
+from rsttrace.sinks import pcapng
 
 FLAGS = {"sent": "0x0004", "received": "0x0004", "listen_overflow_syn": "0x0002", "syn_queue_overflow": "0x0002",
          "listen_drop": "0x0002", "listen_overflow_ack": "0x0010"}

@@ -18,7 +18,7 @@ import struct
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
-from realkernel import require_real_kernel
+from tests.real.realkernel import require_real_kernel
 
 CLONE_NEWNET = 0x40000000
 SIOCSIFFLAGS = 0x8914
@@ -73,9 +73,10 @@ class Pod:
 def counting() -> Iterator[Any]:
     """A counters-only session (as `summary` and `export --log-rate 0` run)."""
     require_real_kernel()
-    from rsttrace import kernel, tracefs
-    from rsttrace.session import Session
-    from rsttrace.tracer import TraceOptions
+    from rsttrace.kernel import facts as kernel
+    from rsttrace.kernel import tracefs
+    from rsttrace.pipeline.session import Session
+    from rsttrace.capture.tracer import TraceOptions
 
     root, _ = tracefs.ensure_tracefs()
     session = Session(kernel.gather(root), TraceOptions(events=False))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from realkernel import require_real_kernel
-from testpaths import KERNEL_ROOTS
+from tests.real.realkernel import require_real_kernel
+from tests.testpaths import KERNEL_ROOTS
 
-from rsttrace import kernel
-from rsttrace.bccload import import_bcc, kernel_headers
-from rsttrace.tracer import TraceOptions, Tracer
+from rsttrace.kernel import facts as kernel
+from rsttrace.capture.bccload import import_bcc, kernel_headers
+from rsttrace.capture.tracer import TraceOptions, Tracer
 
 ROOTS = list(KERNEL_ROOTS.values())
 

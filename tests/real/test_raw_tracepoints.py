@@ -6,10 +6,10 @@ import os
 import platform
 
 import pytest
-from testpaths import KERNEL_FORMATS
+from tests.testpaths import KERNEL_FORMATS
 
-from rsttrace import kernel
-from rsttrace.btf import Btf
+from rsttrace.kernel import facts as kernel
+from rsttrace.kernel.btf import Btf
 
 
 def _saved_root(release: str) -> str:
@@ -44,12 +44,12 @@ def test_reset_programs_run_on_the_hooks_asked_for(tracing: object) -> None:
 
 def test_a_failed_raw_attach_falls_back_to_perf_tracepoints(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel that refuses BPF_RAW_TRACEPOINT_OPEN (say, a security module) still gets traced."""
-    from realkernel import require_real_kernel
+    from tests.real.realkernel import require_real_kernel
 
     require_real_kernel()
-    from rsttrace import tracefs
-    from rsttrace.bccload import import_bcc
-    from rsttrace.tracer import TraceOptions, Tracer
+    from rsttrace.kernel import tracefs
+    from rsttrace.capture.bccload import import_bcc
+    from rsttrace.capture.tracer import TraceOptions, Tracer
 
     facts = kernel.gather(tracefs.ensure_tracefs()[0])
     if not facts.raw_args("tcp_send_reset"):

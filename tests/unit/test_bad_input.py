@@ -16,9 +16,13 @@ import sys
 from typing import Any, List, Tuple
 
 import pytest
-from testpaths import KERNEL_ROOTS
+from tests.testpaths import KERNEL_ROOTS
 
-from rsttrace import argcheck, cli, events, kernel, names
+from rsttrace.cli import argcheck
+from rsttrace import cli
+from rsttrace.pipeline import events
+from rsttrace.kernel import facts as kernel
+from rsttrace.pipeline import names
 
 BIG = "99999999999999999999999"
 

@@ -9,9 +9,9 @@ import subprocess
 import tempfile
 
 import pytest
-from testpaths import ROOT
+from tests.testpaths import ROOT
 
-from rsttrace import contract
+from rsttrace.capture import contract
 
 STRUCTS = [("rsttrace_event", contract.RawEvent), ("rsttrace_counter_key", contract.CounterKey)]
 

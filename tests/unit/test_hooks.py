@@ -6,10 +6,10 @@ import os
 from typing import Dict
 
 import pytest
-from testpaths import KERNEL_ROOTS
+from tests.testpaths import KERNEL_ROOTS
 
-from rsttrace import kernel
-from rsttrace.tracer import TraceOptions, Tracer
+from rsttrace.kernel import facts as kernel
+from rsttrace.capture.tracer import TraceOptions, Tracer
 
 KERNELS = KERNEL_ROOTS
 

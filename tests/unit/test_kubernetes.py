@@ -45,8 +45,8 @@ import yaml
 
 from rsttrace import __version__
 from rsttrace.cli import build_parser
-from rsttrace.exporter import DEFAULT_PORT
-from rsttrace.httpserve import parse_listen
+from rsttrace.sinks.exporter import DEFAULT_PORT
+from rsttrace.sinks.httpserve import parse_listen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -670,7 +670,7 @@ time.sleep(600)
 
 
 def user_pod_at(tmp: str) -> Any:
-    from kubelet import KubeletPod
+    from tests.real.kubelet import KubeletPod
 
     p = KubeletPod(tmp, SERVER_AS_USER, name="cart-5c8d")
     with open("/proc/%d/status" % p.proc.pid) as f:
@@ -757,7 +757,7 @@ class SimulatedPod:
             return f.read()[-tail:] if tail else f.read()
 
     def get(self, path: str) -> Tuple[int, str]:
-        from rsttrace import netns as nsmod
+        from rsttrace.kernel import netns as nsmod
 
         def fetch() -> Tuple[int, str]:
             try:
@@ -818,7 +818,7 @@ def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
 
 @pytest.fixture()
 def user_pod(tmp_path: Any) -> Iterator[Any]:
-    from realkernel import require_real_kernel
+    from tests.real.realkernel import require_real_kernel
 
     require_real_kernel()
     for tool in ("unshare", "setpriv", "chroot", "ip"):
@@ -830,7 +830,7 @@ def user_pod(tmp_path: Any) -> Iterator[Any]:
 
 
 def resets_in(pod: Any, n: int) -> None:
-    from netlab import closed_port, connect_refused
+    from tests.real.netlab import closed_port, connect_refused
 
     with pod.ns.inside():
         connect_refused(socket.AF_INET, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1"), n)
@@ -867,7 +867,7 @@ def test_daemonset_runs_in_a_simulated_pod(base: Dict[str, Obj], image_prefix: s
 @pytest.mark.root
 def test_simulated_pod_sees_the_hosts_counters(base: Dict[str, Obj], image_prefix: str, user_pod: Any,
                                                 tmp_path: Any) -> None:
-    from rsttrace import procnet
+    from rsttrace.kernel import procnet
 
     sim = SimulatedPod(base, image_prefix, user_pod,
                        daemonset_container(base)["securityContext"]["capabilities"]["add"], str(tmp_path))
@@ -884,7 +884,7 @@ def test_simulated_pod_sees_the_hosts_counters(base: Dict[str, Obj], image_prefi
 @pytest.mark.root
 def test_simulated_pod_sees_other_pods_syn_overflows(base: Dict[str, Obj], image_prefix: str, user_pod: Any,
                                                       tmp_path: Any) -> None:
-    from netlab import overflow_accept_queue
+    from tests.real.netlab import overflow_accept_queue
 
     sim = SimulatedPod(base, image_prefix, user_pod,
                        daemonset_container(base)["securityContext"]["capabilities"]["add"], str(tmp_path))

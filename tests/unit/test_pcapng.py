@@ -16,10 +16,10 @@ from typing import List, Tuple
 
 import pytest
 
-from rsttrace import pcapng
-from rsttrace.events import Attribution, Event
-from rsttrace.filters import EventFilter
-from rsttrace.output import human, json_line
+from rsttrace.sinks import pcapng
+from rsttrace.pipeline.events import Attribution, Event
+from rsttrace.pipeline.filters import EventFilter
+from rsttrace.sinks.output import human, json_line
 
 OFFSET = 1_764_000_000 * 10**9  # CLOCK_MONOTONIC -> wall clock, as a Clock would have it
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from .kernel import KernelFacts
-from .tracefs import EventFormat, Field
+from rsttrace.kernel.facts import KernelFacts
+from rsttrace.kernel.tracefs import EventFormat, Field
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf")
 if not os.path.isdir(BPF_DIR):  # running from a source tree: bpf/ sits beside the package

@@ -11,9 +11,11 @@ from __future__ import annotations
 import sys
 from typing import IO, Any, Dict, List, Optional
 
-from . import log, output, pcapng
-from .filters import EventFilter
-from .session import Session, group
+from rsttrace.sinks import pcapng
+from rsttrace.sinks import log
+from rsttrace.sinks import output
+from rsttrace.pipeline.filters import EventFilter
+from rsttrace.pipeline.session import Session, group
 
 
 def run_totals(session: Session, packets: int, filt: Optional[EventFilter] = None) -> Dict[str, Any]:

@@ -12,18 +12,25 @@ import time
 from types import FrameType
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__, argcheck, cmd_read, doctor, log, names, output, pcapng
-from .attribution import event_attributor, metric_labeler
-from .contract import KIND_BY_NAME
-from .enrich import Enricher
-from .events import Event
-from .exporter import DEFAULT_PORT
-from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
-from .kernel import KernelFacts, gather
-from .reasons_text import explain
-from .session import Session, group
-from .tracefs import TracefsError, ensure_tracefs
-from .tracer import TraceOptions, TracerError
+from rsttrace import __version__
+from rsttrace.cli import read as cmd_read
+from rsttrace.sinks import pcapng
+from rsttrace.cli import argcheck
+from rsttrace.cli import doctor
+from rsttrace.sinks import log
+from rsttrace.pipeline import names
+from rsttrace.sinks import output
+from rsttrace.pipeline.attribution import event_attributor, metric_labeler
+from rsttrace.capture.contract import KIND_BY_NAME
+from rsttrace.enrich import Enricher
+from rsttrace.pipeline.events import Event
+from rsttrace.sinks.exporter import DEFAULT_PORT
+from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
+from rsttrace.kernel.facts import KernelFacts, gather
+from rsttrace.pipeline.reasons_text import explain
+from rsttrace.pipeline.session import Session, group
+from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs
+from rsttrace.capture.tracer import TraceOptions, TracerError
 
 EXAMPLES = """examples:
   rsttrace trace                         # every reset sent or received, one line each
@@ -530,8 +537,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from .exporter import LogLimiter, SeriesCap, SessionCollector
-    from .httpserve import StartingApp, bind, parse_listen
+    from rsttrace.sinks.exporter import LogLimiter, SeriesCap, SessionCollector
+    from rsttrace.sinks.httpserve import StartingApp, bind, parse_listen
 
     try:
         host, port = parse_listen(args.listen)

@@ -37,9 +37,9 @@ import time
 from dataclasses import fields
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
-from . import __version__
-from .events import ATTRIBUTION_FIELDS, Attribution, Event
-from .output import json_line
+from rsttrace import __version__
+from rsttrace.pipeline.events import ATTRIBUTION_FIELDS, Attribution, Event
+from rsttrace.sinks.output import json_line
 
 SHB, IDB, EPB, ISB, SPB = 0x0A0D0D0A, 1, 6, 5, 3
 BYTE_ORDER_MAGIC = 0x1A2B3C4D

@@ -8,15 +8,15 @@ No Kubernetes API or container runtime socket is needed.
 
 from __future__ import annotations
 
-from .cgroups import (
+from rsttrace.enrich.cgroups import (
     CgroupIdentity,
     find_cgroup2_root,
     normalize_uid,
     parse_cgroup_path,
     parse_proc_cgroup,
 )
-from .enricher import Enricher, PodInfo
-from .procscan import parse_netns_link
+from rsttrace.enrich.enricher import Enricher, PodInfo
+from rsttrace.enrich.procscan import parse_netns_link
 
 __all__ = [
     "CgroupIdentity",

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional, TextIO
 
-from .enricher import Enricher, PodInfo
+from rsttrace.enrich.enricher import Enricher, PodInfo
 
 
 def _describe(info: PodInfo) -> str:

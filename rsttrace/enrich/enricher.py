@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import log as rlog
-from .cgroups import CgroupIdentity, find_cgroup2_root, walk_cgroup2
-from .kubelet import ContainerLog, PodDir, scan_containers_dir, scan_pods_dir
-from .procscan import ProcInNetns, scan_proc
+from rsttrace.enrich.cgroups import CgroupIdentity, find_cgroup2_root, walk_cgroup2
+from rsttrace.enrich.kubelet import ContainerLog, PodDir, scan_containers_dir, scan_pods_dir
+from rsttrace.enrich.procscan import ProcInNetns, scan_proc
+from rsttrace.sinks import log as rlog
 
 # Lower bound between two scans, so lookups of unknown ids (each of which
 # nudges the refresher) cannot make it scan back to back.

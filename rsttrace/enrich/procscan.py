@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .cgroups import CgroupIdentity, parse_proc_cgroup
+from rsttrace.enrich.cgroups import CgroupIdentity, parse_proc_cgroup
 
 _NETNS_LINK = re.compile(r"^net:\[(\d+)\]$")
 

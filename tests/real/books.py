@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from netlab import Netns
 
-from rsttrace import procnet
+from rsttrace.kernel import procnet
 
 KERNEL = (("Tcp", "OutRsts"), ("Tcp", "EstabResets"), ("Tcp", "AttemptFails"), ("TcpExt", "EmbryonicRsts"),
           ("TcpExt", "ListenOverflows"), ("TcpExt", "ListenDrops"), ("TcpExt", "TCPReqQFullDrop"),

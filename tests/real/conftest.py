@@ -9,7 +9,7 @@ import pytest
 from netlab import Netns
 from realkernel import require_real_kernel
 
-from rsttrace.events import Event
+from rsttrace.pipeline.events import Event
 
 
 class Recorder:
@@ -34,9 +34,10 @@ def tracing(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A session tracing everything; every test runs once with raw tracepoints (the default)
     and once with perf tracepoints (the fallback where a kernel's BTF lacks prototypes)."""
     require_real_kernel()
-    from rsttrace import kernel, tracefs
-    from rsttrace.session import Session
-    from rsttrace.tracer import TraceOptions
+    from rsttrace.capture.tracer import TraceOptions
+    from rsttrace.kernel import facts as kernel
+    from rsttrace.kernel import tracefs
+    from rsttrace.pipeline.session import Session
 
     root, _ = tracefs.ensure_tracefs()
     facts = kernel.gather(root)

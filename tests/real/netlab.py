@@ -17,8 +17,8 @@ import uuid
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from rsttrace import netns as nsmod
-from rsttrace import procnet
+from rsttrace.kernel import netns as nsmod
+from rsttrace.kernel import procnet
 
 
 class Netns:

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 from netlab import Netns
 
-from rsttrace import netns as nsmod
+from rsttrace.kernel import netns as nsmod
 
 ETH_P_IP = 0x0800
 ETH_P_ALL = 0x0003

@@ -20,7 +20,7 @@ def real_kernel_problem() -> Optional[str]:
     if not os.path.exists("/sys/kernel/btf/vmlinux") and not os.path.isdir("/sys/kernel/tracing"):
         return "no BTF and no tracefs"
     try:
-        from rsttrace.bccload import import_bcc
+        from rsttrace.capture.bccload import import_bcc
 
         import_bcc()
     except Exception as e:  # any failure to get bcc means: cannot trace here

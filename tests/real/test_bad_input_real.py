@@ -122,7 +122,9 @@ def test_bad_environment_refused_before_bpf(env: Dict[str, str], piece: str) -> 
 
 def test_unknown_reason_lists_this_kernels_names() -> None:
     require_real_kernel()
-    from rsttrace import kernel, names, tracefs
+    from rsttrace.kernel import facts as kernel
+    from rsttrace.kernel import tracefs
+    from rsttrace.pipeline import names
 
     line = assert_one_error(run(["trace", "--reason", "NOPE"]), "one of: ")
     listed = set(line.split("(one of: ", 1)[1].rstrip(")").split(", "))
@@ -143,7 +145,7 @@ PRIVATE = "mount --make-rprivate /\nmount -t tmpfs -o mode=0755 none /lib/module
 
 
 def cache_merges_here() -> None:
-    from rsttrace import bccload
+    from rsttrace.capture import bccload
 
     if os.path.exists("/sys/kernel/kheaders.tar.xz") or not any(c for _a, c in bccload._header_pairs()):
         pytest.fail("these cache tests need split distro headers in /usr/src (-common + arch) and no "
@@ -190,7 +192,7 @@ def test_cache_variable_must_be_absolute(value: str) -> None:
 def test_group_writable_tree_is_refused_naming_the_directory() -> None:
     require_real_kernel()
     cache_merges_here()
-    from rsttrace import bccload
+    from rsttrace.capture import bccload
 
     arch = os.path.basename(next(a for a, c in bccload._header_pairs() if c))
     victim = "%s/headers/%s/include/linux" % (CACHE, arch)
@@ -205,7 +207,7 @@ def test_marker_without_tree_is_rebuilt_and_umask_000_still_gives_0755() -> None
     and a cache whose marker outlived its tree never healing."""
     require_real_kernel()
     cache_merges_here()
-    from rsttrace import bccload
+    from rsttrace.capture import bccload
 
     arch = os.path.basename(next(a for a, c in bccload._header_pairs() if c))
     merged = "%s/headers/%s" % (CACHE, arch)
@@ -284,7 +286,7 @@ def test_reasons_works_without_root_where_tracefs_is_readable(tmp_path: str) -> 
     """The kernel's own format files, made readable (a bind mount in a private namespace): the same
     table as root's, read by nobody."""
     require_real_kernel()
-    from rsttrace import tracefs
+    from rsttrace.kernel import tracefs
 
     root = tracefs.ensure_tracefs()[0]
     copy = os.path.join(tmp_path, "tracing")

@@ -16,9 +16,10 @@ from netlab import Netns, closed_port, connect_refused, delta, wait_for
 
 
 def run_session(ns: Netns, force_perf: bool, pages: int, resets: int, slow: bool) -> Any:
-    from rsttrace import kernel, tracefs
-    from rsttrace.session import Session
-    from rsttrace.tracer import TraceOptions
+    from rsttrace.capture.tracer import TraceOptions
+    from rsttrace.kernel import facts as kernel
+    from rsttrace.kernel import tracefs
+    from rsttrace.pipeline.session import Session
 
     root, _ = tracefs.ensure_tracefs()
     facts = kernel.gather(root)

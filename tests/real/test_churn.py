@@ -73,9 +73,10 @@ class Pod:
 def counting() -> Iterator[Any]:
     """A counters-only session (as `summary` and `export --log-rate 0` run)."""
     require_real_kernel()
-    from rsttrace import kernel, tracefs
-    from rsttrace.session import Session
-    from rsttrace.tracer import TraceOptions
+    from rsttrace.capture.tracer import TraceOptions
+    from rsttrace.kernel import facts as kernel
+    from rsttrace.kernel import tracefs
+    from rsttrace.pipeline.session import Session
 
     root, _ = tracefs.ensure_tracefs()
     session = Session(kernel.gather(root), TraceOptions(events=False))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 from netlab import Netns, closed_port, connect_refused, delta, overflow_accept_queue
 from realkernel import require_real_kernel
 
-from rsttrace import tracefs
+from rsttrace.kernel import tracefs
 
 CONTRACT_KEYS = {
     "time", "ktime_ns", "kind", "reason", "reason_raw", "reason_source", "state", "family",

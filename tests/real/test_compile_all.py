@@ -14,9 +14,9 @@ import pytest
 from realkernel import require_real_kernel
 from testpaths import KERNEL_ROOTS
 
-from rsttrace import kernel
-from rsttrace.bccload import import_bcc, kernel_headers
-from rsttrace.tracer import TraceOptions, Tracer
+from rsttrace.capture.bccload import import_bcc, kernel_headers
+from rsttrace.capture.tracer import TraceOptions, Tracer
+from rsttrace.kernel import facts as kernel
 
 ROOTS = list(KERNEL_ROOTS.values())
 

@@ -25,7 +25,7 @@ from realkernel import require_real_kernel
 from test_cli import rsttrace, wait_ready
 from test_exporter import free_port, sample, scrape, sent_labels
 
-from rsttrace.httpserve import IDLE_TIMEOUT, REQUEST_TIMEOUT
+from rsttrace.sinks.httpserve import IDLE_TIMEOUT, REQUEST_TIMEOUT
 
 NOFILE = 256
 IDLE_CONNECTIONS = 1000

@@ -38,8 +38,9 @@ import pytest
 import yaml
 from realkernel import IN_CI, require_real_kernel
 
-from rsttrace import __version__, procnet
-from rsttrace import netns as nsmod
+from rsttrace import __version__
+from rsttrace.kernel import netns as nsmod
+from rsttrace.kernel import procnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAEMONSET = os.path.join(ROOT, "deploy", "kubernetes", "base", "daemonset.yaml")

@@ -8,8 +8,8 @@ import platform
 import pytest
 from testpaths import KERNEL_FORMATS
 
-from rsttrace import kernel
-from rsttrace.btf import Btf
+from rsttrace.kernel import facts as kernel
+from rsttrace.kernel.btf import Btf
 
 
 def _saved_root(release: str) -> str:
@@ -47,9 +47,9 @@ def test_a_failed_raw_attach_falls_back_to_perf_tracepoints(monkeypatch: pytest.
     from realkernel import require_real_kernel
 
     require_real_kernel()
-    from rsttrace import tracefs
-    from rsttrace.bccload import import_bcc
-    from rsttrace.tracer import TraceOptions, Tracer
+    from rsttrace.capture.bccload import import_bcc
+    from rsttrace.capture.tracer import TraceOptions, Tracer
+    from rsttrace.kernel import tracefs
 
     facts = kernel.gather(tracefs.ensure_tracefs()[0])
     if not facts.raw_args("tcp_send_reset"):

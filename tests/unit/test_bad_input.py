@@ -18,7 +18,10 @@ from typing import Any, List, Tuple
 import pytest
 from testpaths import KERNEL_ROOTS
 
-from rsttrace import argcheck, cli, events, kernel, names
+from rsttrace import cli
+from rsttrace.cli import argcheck
+from rsttrace.kernel import facts as kernel
+from rsttrace.pipeline import events, names
 
 BIG = "99999999999999999999999"
 

@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from rsttrace.btf import Btf, BtfError
+from rsttrace.kernel.btf import Btf, BtfError
 
 
 class Blob:

@@ -15,8 +15,9 @@ from typing import Dict
 import pytest
 from testpaths import KERNEL_FORMATS
 
-from rsttrace import codegen, kernel
-from rsttrace.tracefs import Tracefs
+from rsttrace.capture import codegen
+from rsttrace.kernel import facts as kernel
+from rsttrace.kernel.tracefs import Tracefs
 
 KERNELS = sorted(d for d in os.listdir(KERNEL_FORMATS) if os.path.isdir(os.path.join(KERNEL_FORMATS, d)))
 

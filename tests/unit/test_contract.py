@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from testpaths import ROOT
 
-from rsttrace import contract
+from rsttrace.capture import contract
 
 STRUCTS = [("rsttrace_event", contract.RawEvent), ("rsttrace_counter_key", contract.CounterKey)]
 

@@ -9,10 +9,10 @@ import socket
 import pytest
 from testpaths import KERNEL_FORMATS
 
-from rsttrace import contract as c
-from rsttrace import kernel
-from rsttrace.events import Clock, decode, infer_sent_reason
-from rsttrace.output import human, json_line
+from rsttrace.capture import contract as c
+from rsttrace.kernel import facts as kernel
+from rsttrace.pipeline.events import Clock, decode, infer_sent_reason
+from rsttrace.sinks.output import human, json_line
 
 STATES = {1: "TCP_ESTABLISHED", 2: "TCP_SYN_SENT", 6: "TCP_TIME_WAIT", 7: "TCP_CLOSE", 8: "TCP_CLOSE_WAIT",
           10: "TCP_LISTEN"}
@@ -113,7 +113,7 @@ def test_readme_key_table_lists_every_json_key() -> None:
 
     from testpaths import ROOT
 
-    from rsttrace.events import json_keys
+    from rsttrace.pipeline.events import json_keys
 
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
@@ -125,7 +125,7 @@ def test_readme_key_table_lists_every_json_key() -> None:
 def test_event_fields_are_keyword_only_for_mypy_and_py310() -> None:
     import sys
 
-    from rsttrace.events import Event
+    from rsttrace.pipeline.events import Event
 
     if sys.version_info >= (3, 10):
         with pytest.raises(TypeError):
@@ -137,7 +137,7 @@ def test_event_schema_builds_on_python_39() -> None:
     dataclass, where a field without a default may not follow one with a default."""
     from dataclasses import MISSING
 
-    from rsttrace.events import EVENT_FIELDS
+    from rsttrace.pipeline.events import EVENT_FIELDS
 
     seen_default = False
     for f in EVENT_FIELDS:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rsttrace.events import Event
-from rsttrace.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports, parse_reasons
+from rsttrace.pipeline.events import Event
+from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports, parse_reasons
 
 
 def ev(**kw: object) -> Event:

@@ -8,8 +8,8 @@ from typing import Dict
 import pytest
 from testpaths import KERNEL_ROOTS
 
-from rsttrace import kernel
-from rsttrace.tracer import TraceOptions, Tracer
+from rsttrace.capture.tracer import TraceOptions, Tracer
+from rsttrace.kernel import facts as kernel
 
 KERNELS = KERNEL_ROOTS
 

@@ -1,4 +1,4 @@
-"""rsttrace.httpserve without a kernel: limits, descriptor starvation, the early bind, health."""
+"""rsttrace.sinks.httpserve without a kernel: limits, descriptor starvation, the early bind, health."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from rsttrace import cli, log
-from rsttrace.httpserve import HttpServer, StartingApp, connection_limit
+from rsttrace import cli
+from rsttrace.sinks import log
+from rsttrace.sinks.httpserve import HttpServer, StartingApp, connection_limit
 
 
 @pytest.mark.parametrize(("nofile", "want"), [(256, 64), (1024, 100), (1 << 20, 100), (16, 8),
@@ -102,7 +103,7 @@ def test_a_taken_port_is_one_line_and_exit_2_before_anything_else(capsys: pytest
 def test_concurrent_scrapes_share_collections_begun_after_they_arrived() -> None:
     import threading
 
-    from rsttrace.httpserve import Coalescer
+    from rsttrace.sinks.httpserve import Coalescer
 
     began: List[float] = []
     gate = threading.Event()

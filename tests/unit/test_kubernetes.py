@@ -45,8 +45,8 @@ import yaml
 
 from rsttrace import __version__
 from rsttrace.cli import build_parser
-from rsttrace.exporter import DEFAULT_PORT
-from rsttrace.httpserve import parse_listen
+from rsttrace.sinks.exporter import DEFAULT_PORT
+from rsttrace.sinks.httpserve import parse_listen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -757,7 +757,7 @@ class SimulatedPod:
             return f.read()[-tail:] if tail else f.read()
 
     def get(self, path: str) -> Tuple[int, str]:
-        from rsttrace import netns as nsmod
+        from rsttrace.kernel import netns as nsmod
 
         def fetch() -> Tuple[int, str]:
             try:
@@ -867,7 +867,7 @@ def test_daemonset_runs_in_a_simulated_pod(base: Dict[str, Obj], image_prefix: s
 @pytest.mark.root
 def test_simulated_pod_sees_the_hosts_counters(base: Dict[str, Obj], image_prefix: str, user_pod: Any,
                                                 tmp_path: Any) -> None:
-    from rsttrace import procnet
+    from rsttrace.kernel import procnet
 
     sim = SimulatedPod(base, image_prefix, user_pod,
                        daemonset_container(base)["securityContext"]["capabilities"]["add"], str(tmp_path))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-from rsttrace import procnet
-from rsttrace.overflow import OverflowPoller
+from rsttrace.kernel import procnet
+from rsttrace.pipeline.overflow import OverflowPoller
 
 SNMP = """Ip: Forwarding DefaultTTL
 Ip: 1 64

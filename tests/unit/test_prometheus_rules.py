@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML; stubs (types-PyYAML) optional
 
-from rsttrace.exporter import OVERFLOW_KIND, SYN_QUEUE_KIND
+from rsttrace.sinks.exporter import OVERFLOW_KIND, SYN_QUEUE_KIND
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"

@@ -8,10 +8,11 @@ from typing import Any, Set
 import pytest
 from testpaths import KERNEL_ROOTS
 
-from rsttrace import cli, kernel
-from rsttrace import contract as c
-from rsttrace.events import name_reason
-from rsttrace.overflow import DERIVED
+from rsttrace import cli
+from rsttrace.capture import contract as c
+from rsttrace.kernel import facts as kernel
+from rsttrace.pipeline.events import name_reason
+from rsttrace.pipeline.overflow import DERIVED
 
 STATES = ["TCP_ESTABLISHED", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2", "TCP_TIME_WAIT",
           "TCP_CLOSE", "TCP_CLOSE_WAIT", "TCP_LAST_ACK", "TCP_LISTEN", "TCP_CLOSING", "TCP_NEW_SYN_RECV", None]

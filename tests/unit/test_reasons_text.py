@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rsttrace.reasons_text import (
+from rsttrace.pipeline.reasons_text import (
     MAX_LINE,
     Explanation,
     explain,

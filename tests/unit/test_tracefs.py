@@ -7,7 +7,7 @@ import os
 import pytest
 from testpaths import KERNEL_FORMATS
 
-from rsttrace.tracefs import Tracefs, parse_format, parse_print_symbolic
+from rsttrace.kernel.tracefs import Tracefs, parse_format, parse_print_symbolic
 
 K618 = os.path.join(KERNEL_FORMATS, "6.18.44-fc-v657")
 K612 = os.path.join(KERNEL_FORMATS, "6.12.107+deb13-amd64")
@@ -79,7 +79,7 @@ def test_missing_event_and_bad_text() -> None:
 
 def test_mount_points_from_mountinfo(tmp_path: str) -> None:
     """How "not mounted" is told from "not readable": mountinfo is readable by anyone."""
-    from rsttrace import tracefs as t
+    from rsttrace.kernel import tracefs as t
 
     path = os.path.join(tmp_path, "mountinfo")
     with open(path, "w") as f:

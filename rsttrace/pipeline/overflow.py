@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from . import netns as nsmod
-from . import procnet
-from .events import Clock, Event
+from rsttrace.kernel import netns as nsmod
+from rsttrace.kernel import procnet
+from rsttrace.pipeline.events import Clock, Event
 
 WATCHED = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies", "EmbryonicRsts")
 

@@ -14,8 +14,8 @@ import time
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
-from . import contract as c
-from .kernel import KernelFacts
+from rsttrace.capture import contract as c
+from rsttrace.kernel.facts import KernelFacts
 
 # Received resets carry no reason; the kernel's own words for them are the errno tcp_reset()
 # hands the application, chosen by state (net/ipv4/tcp_input.c, tcp_reset()).
@@ -255,7 +255,7 @@ _BACKLOG, _MAX_BACKLOG = _AT["backlog"], _AT["max_backlog"]
 _copy_src = "def _copy(d, v):\n" + "".join("    d[%r] = v[%d] or None\n" % (f.name, _AT[f.name])
                                             for f in EVENT_FIELDS if f.metadata["raw"])
 _copy_ns: Dict[str, Any] = {}
-exec(compile(_copy_src, "<rsttrace.events._copy>", "exec"), _copy_ns)  # noqa: S102 - our own text
+exec(compile(_copy_src, "<rsttrace.pipeline.events._copy>", "exec"), _copy_ns)  # noqa: S102 - our own text
 _copy: Any = _copy_ns["_copy"]
 # The decoder builds an event's attributes as one dict of what the record says, without the
 # 28-argument keyword __init__ (measured: 1 us of a 2.8 us decode). A field it does not set reads

@@ -43,8 +43,8 @@ from waitress.channel import HTTPChannel  # type: ignore[import-untyped]
 from waitress.server import TcpWSGIServer  # type: ignore[import-untyped]
 from waitress.task import ThreadedTaskDispatcher  # type: ignore[import-untyped]
 
-from . import log
-from .exporter import DEFAULT_PORT
+from rsttrace.sinks import log
+from rsttrace.sinks.exporter import DEFAULT_PORT
 
 THREADS = 4  # workers; a scrape takes a few ms and scrapes are serialised by the collector anyway
 MAX_CONNECTIONS = 100  # waitress's default; lowered to a quarter of RLIMIT_NOFILE when that is small

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from . import codegen, hooks
-from . import contract as c
-from .bccload import BccMissing, bcc_version, captured_output, import_bcc, kernel_headers
-from .kernel import KernelFacts
-from .tracefs import ensure_tracefs
+from rsttrace.capture import codegen
+from rsttrace.capture import contract as c
+from rsttrace.capture.bccload import BccMissing, bcc_version, captured_output, import_bcc, kernel_headers
+from rsttrace.kernel import hooks
+from rsttrace.kernel.facts import KernelFacts
+from rsttrace.kernel.tracefs import ensure_tracefs
 
 # (kind, reason raw or None, state raw, family raw, netns, port, flags) -> count
 CounterTuple = Tuple[int, Optional[int], int, int, int, int, int]

@@ -6,7 +6,7 @@ import json
 from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .events import ATTRIBUTION_FIELDS, JSON_RULES, NUMERIC, OVERFLOW_KINDS, REPEATING, Event
+from rsttrace.pipeline.events import ATTRIBUTION_FIELDS, JSON_RULES, NUMERIC, OVERFLOW_KINDS, REPEATING, Event
 
 SHORT_KIND = {
     "sent": "SENT",
@@ -130,7 +130,7 @@ def _json_line_source() -> str:
 
 _ns: Dict[str, Any] = {"_jstr": _jstr, "OVERFLOW_KINDS": OVERFLOW_KINDS, "_NUMS": (int, type(None)),
                        "_CACHE_MAX": _CACHE_MAX, "_c": [{} for _ in JSON_RULES]}
-exec(compile(_json_line_source(), "<rsttrace.output.json_line>", "exec"), _ns)  # noqa: S102 - our own text
+exec(compile(_json_line_source(), "<rsttrace.sinks.output.json_line>", "exec"), _ns)  # noqa: S102 - our own text
 json_line: Callable[[Event], str] = _ns["json_line"]
 json_line.__doc__ = """``json.dumps(e.to_dict(), separators=(",", ":"))``, byte for byte, without the dict."""
 

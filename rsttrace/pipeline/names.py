@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from .kernel import KernelFacts
+from rsttrace.kernel.facts import KernelFacts
 
 _INFERRED = "inferred (kernel < 6.10)"
 _ERRNO = "the errno tcp_reset() gives the application, by state"

@@ -6,8 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Union
 
-from .contract import KIND_BY_NAME
-from .events import Event
+from rsttrace.capture.contract import KIND_BY_NAME
+from rsttrace.pipeline.events import Event
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 

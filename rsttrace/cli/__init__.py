@@ -12,18 +12,21 @@ import time
 from types import FrameType
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__, argcheck, doctor, log, names, output
-from .attribution import event_attributor, metric_labeler
-from .contract import KIND_BY_NAME
-from .enrich import Enricher
-from .events import Event
-from .exporter import DEFAULT_PORT
-from .filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
-from .kernel import KernelFacts, gather
-from .reasons_text import explain
-from .session import Session, group
-from .tracefs import TracefsError, ensure_tracefs
-from .tracer import TraceOptions, TracerError
+from rsttrace import __version__
+from rsttrace.capture.contract import KIND_BY_NAME
+from rsttrace.capture.tracer import TraceOptions, TracerError
+from rsttrace.cli import argcheck, doctor
+from rsttrace.enrich import Enricher
+from rsttrace.kernel.facts import KernelFacts, gather
+from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs
+from rsttrace.pipeline import names
+from rsttrace.pipeline.attribution import event_attributor, metric_labeler
+from rsttrace.pipeline.events import Event
+from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
+from rsttrace.pipeline.reasons_text import explain
+from rsttrace.pipeline.session import Session, group
+from rsttrace.sinks import log, output
+from rsttrace.sinks.exporter import DEFAULT_PORT
 
 EXAMPLES = """examples:
   rsttrace trace                         # every reset sent or received, one line each
@@ -466,8 +469,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from .exporter import LogLimiter, SeriesCap, SessionCollector
-    from .httpserve import StartingApp, bind, parse_listen
+    from rsttrace.sinks.exporter import LogLimiter, SeriesCap, SessionCollector
+    from rsttrace.sinks.httpserve import StartingApp, bind, parse_listen
 
     try:
         host, port = parse_listen(args.listen)

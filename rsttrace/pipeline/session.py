@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import contract as c
-from .events import Clock, Decoder, Event, name_reason
-from .filters import EventFilter
-from .kernel import KernelFacts
-from .overflow import OverflowPoller
-from .tracer import TraceOptions, Tracer
+from rsttrace.capture import contract as c
+from rsttrace.capture.tracer import TraceOptions, Tracer
+from rsttrace.kernel.facts import KernelFacts
+from rsttrace.pipeline.events import Clock, Decoder, Event, name_reason
+from rsttrace.pipeline.filters import EventFilter
+from rsttrace.pipeline.overflow import OverflowPoller
 
 _FIN_WAIT = ("TCP_FIN_WAIT1", "TCP_FIN_WAIT2")
 

@@ -14,9 +14,9 @@ import platform
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .btf import Btf, BtfError
-from .hooks import Hook, coverage, hook_macros
-from .tracefs import EventFormat, Tracefs
+from rsttrace.kernel.btf import Btf, BtfError
+from rsttrace.kernel.hooks import Hook, coverage, hook_macros
+from rsttrace.kernel.tracefs import EventFormat, Tracefs
 
 # C macro -> BTF member paths, first that resolves wins. Expected size guards against a field
 # that kept its name but changed type (we would read garbage otherwise).
@@ -230,7 +230,7 @@ class KernelFacts:
         return roles if usable[tracepoint] else {}
 
     def hooks(self) -> List[Hook]:
-        """Per event kind, what sees it on this kernel (rsttrace.hooks.coverage)."""
+        """Per event kind, what sees it on this kernel (rsttrace.kernel.hooks.coverage)."""
         return coverage(self)
 
     @property

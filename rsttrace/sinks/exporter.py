@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Set, Tuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from . import __version__, procnet
-from .session import CountKey
+from rsttrace import __version__
+from rsttrace.kernel import procnet
+from rsttrace.pipeline.session import CountKey
 
 DEFAULT_PORT = 10793  # outside Prometheus' default port allocations (9100-9999 is full); RFC 793 defined RST
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
 if TYPE_CHECKING:
-    from .kernel import KernelFacts
+    from rsttrace.kernel.facts import KernelFacts
 
 
 @dataclass(frozen=True)

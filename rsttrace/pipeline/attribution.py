@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional
 
-from .enrich import Enricher, PodInfo
-from .events import Attribution, Event
+from rsttrace.enrich import Enricher, PodInfo
+from rsttrace.pipeline.events import Attribution, Event
 
 
 def pod_of(enricher: Enricher, cgroup_id: Optional[int], netns: Optional[int]) -> Optional[PodInfo]:

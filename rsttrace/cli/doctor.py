@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from . import hooks
-from .bccload import BccMissing, CacheError, bcc_version, import_bcc, kernel_headers
-from .kernel import RAW_ROLES, KernelFacts, gather
-from .tracefs import TracefsError, ensure_tracefs, find_tracefs, unreadable_tracefs
+from rsttrace.capture.bccload import BccMissing, CacheError, bcc_version, import_bcc, kernel_headers
+from rsttrace.kernel import hooks
+from rsttrace.kernel.facts import RAW_ROLES, KernelFacts, gather
+from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs, find_tracefs, unreadable_tracefs
 
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
@@ -141,7 +141,7 @@ def run(load: bool = True) -> List[Check]:
             checks.append(Check("degraded", False, w, required=False))
 
     if load and facts is not None and bcc_ok and prob is None:
-        from .tracer import TraceOptions, Tracer, TracerError
+        from rsttrace.capture.tracer import TraceOptions, Tracer, TracerError
 
         t0 = time.monotonic()
         tr = Tracer(facts, TraceOptions(events=False))

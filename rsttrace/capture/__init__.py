@@ -1,0 +1,1 @@
+"""From kernel facts to running BPF programs: the generated C, bcc, the tracer, the record contract."""

@@ -1,0 +1,1 @@
+"""From raw records to events: the schema and decoder, names, filters, counter-derived kinds, attribution."""

@@ -296,7 +296,8 @@ class HttpServer:
                 time.sleep(0.5)
 
     def close(self) -> None:
-        srv = self.server
+        """Stop serving and close every connection; a second call does nothing."""
+        srv, self.server = self.server, None
         if srv is None:
             self.sock.close()
             return

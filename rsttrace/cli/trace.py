@@ -1,0 +1,125 @@
+"""``rsttrace trace``: every event live, one line (or JSON object) each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, List
+
+from rsttrace.capture.tracer import TraceOptions
+from rsttrace.cli import argcheck, common
+from rsttrace.cli.common import COUNT, DURATION, EVENT_RATE, UsageError, say, seconds
+from rsttrace.pipeline import names
+from rsttrace.pipeline.events import Event
+from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
+from rsttrace.sinks import log, output
+
+
+def add_parser(sub: Any, examples: str) -> None:
+    t = sub.add_parser("trace", help="print events live", epilog=examples,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.common_filters(t)
+    t.add_argument("--reason", action="append", metavar="NAME",
+                   help="only these reason names (comma list, case-insensitive): the running kernel's and "
+                        "rsttrace's own; an unknown one is refused with the list (explained: `rsttrace reasons`)")
+    t.add_argument("--port", action="append", metavar="PORT", help="local or remote port, 1 to 65535 (comma list)")
+    t.add_argument("--addr", action="append", metavar="CIDR", help="local or remote address or network")
+    t.add_argument("--json", action="store_true", help="one JSON object per line")
+    t.add_argument("--duration", type=seconds(DURATION), metavar="SECONDS",
+                   help="stop after this long (%s)" % say(DURATION, "s"))
+    t.add_argument("--count", type=argcheck.integer(*COUNT), metavar="N",
+                   help="stop after N events (%s)" % say(COUNT))
+    t.add_argument("--log-events", action="store_true", help="also log each event as a structlog line (stderr)")
+    common.session_args(t)
+    rate = t.add_mutually_exclusive_group()
+    rate.add_argument("--max-event-rate", type=argcheck.integer(*EVENT_RATE), default=1000, metavar="N",
+                      help="at most about N events a second reach user space; the kernel counts and reports "
+                           "the rest, and every counter stays exact (%s, default 1000)" % say(EVENT_RATE))
+    rate.add_argument("--all-events", action="store_true",
+                      help="deliver every event (a storm then costs the traced workload more)")
+    t.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    common.hook_args(t)
+    common.attribution_args(t)
+
+
+def event_filter(args: argparse.Namespace) -> EventFilter:
+    try:
+        return EventFilter(
+            kinds=parse_kinds(args.kind),
+            reasons=names.check_reasons(args.reason, None),  # names checked once the kernel is read
+            ports=parse_ports(args.port),
+            addrs=parse_addrs(args.addr),
+            netns=args.netns,
+            family=common.family(args),
+        )
+    except (FilterError, names.ReasonError) as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    filt = event_filter(args)
+    facts = common.prepare(need_root=not args.ebpf)
+    common.check_against_kernel(args, facts)
+    options = TraceOptions(events=True, kinds=filt.kinds, netns=args.netns, ring_pages=args.ring_pages,
+                           max_event_rate=None if args.all_events else args.max_event_rate,
+                           raw_tracepoints=not args.no_raw_tracepoints)
+    logger = log.get()
+    out = sys.stdout
+    as_json = args.json
+
+    # Lines are written in batches (256, or what a poll brought), not one write per event: the
+    # call cost ~1.7 us an event in the every-event storm's profile. Every poll ends with a flush.
+    pending: List[str] = []
+    line = output.json_line if as_json else output.human
+
+    def write_pending() -> None:
+        if pending:
+            out.write("\n".join(pending) + "\n")
+            pending.clear()
+
+    def sink(ev: Event) -> None:
+        pending.append(line(ev))
+        if len(pending) >= 256:  # one poll can run on for as long as a storm keeps the ring fed
+            write_pending()
+        if args.log_events:
+            logger.info("tcp_reset_event", **ev.to_dict())
+
+    def drain() -> None:
+        write_pending()
+        out.flush()
+
+    session = common.new_session(facts, options, sink=sink, event_filter=filt,
+                                 overflow_interval=args.overflow_interval, proc_root=args.proc_root)
+    if args.ebpf:
+        out.write(session.tracer.source())
+        return 0
+    run = None
+    try:
+        with common.running(session, args) as run:
+            if not as_json:
+                out.write(output.HEADER + "\n")
+            out.flush()
+            held = [0, time.monotonic() + 5.0]
+
+            def after_poll() -> None:
+                drain()
+                if time.monotonic() >= held[1]:  # say it when the budget holds events back
+                    held[1] = time.monotonic() + 5.0
+                    n = session.lost()["suppressed"]
+                    if n > held[0]:
+                        logger.warning("events held back by the rate limit", held_back=n - held[0], total=n,
+                                       limit_per_s=args.max_event_rate, hint="counters include them; --all-events")
+                        held[0] = n
+
+            session.run(run.stopper.event, duration=args.duration, max_events=args.count, after_poll=after_poll)
+            if not (args.count and session.delivered >= args.count):
+                session.finish()  # the last seconds' counter-derived events, and held events
+            drain()
+    finally:
+        if run is not None:  # started: say what came through and what did not
+            lost = run.lost
+            logger.info("stopped", delivered=session.delivered, held_back=lost["suppressed"],
+                        lost_kernel=lost["lost_kernel"], lost_user=lost["lost_user"],
+                        counter_map_full=lost["counter_map_full"])
+    return 0

@@ -122,13 +122,13 @@ def test_bad_environment_refused_before_bpf(env: Dict[str, str], piece: str) -> 
 
 def test_unknown_reason_lists_this_kernels_names() -> None:
     require_real_kernel()
-    from rsttrace.kernel import facts as kernel
     from rsttrace.kernel import tracefs
+    from rsttrace.kernel.read import gather
     from rsttrace.pipeline import names
 
     line = assert_one_error(run(["trace", "--reason", "NOPE"]), "one of: ")
     listed = set(line.split("(one of: ", 1)[1].rstrip(")").split(", "))
-    facts = kernel.gather(tracefs.ensure_tracefs()[0])
+    facts = gather(tracefs.ensure_tracefs()[0])
     assert listed == set(names.valid_reasons(facts).values())
     assert set(facts.rst_reasons.values()) <= listed and "ECONNREFUSED" in listed
 

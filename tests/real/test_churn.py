@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 from realkernel import require_real_kernel
 
+from rsttrace.kernel.read import gather
+
 CLONE_NEWNET = 0x40000000
 SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
@@ -74,12 +76,11 @@ def counting() -> Iterator[Any]:
     """A counters-only session (as `summary` and `export --log-rate 0` run)."""
     require_real_kernel()
     from rsttrace.capture.tracer import TraceOptions
-    from rsttrace.kernel import facts as kernel
     from rsttrace.kernel import tracefs
     from rsttrace.pipeline.session import Session
 
     root, _ = tracefs.ensure_tracefs()
-    session = Session(kernel.gather(root), TraceOptions(events=False))
+    session = Session(gather(root), TraceOptions(events=False))
     session.start()
     try:
         yield session

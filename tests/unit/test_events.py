@@ -11,6 +11,7 @@ from testpaths import KERNEL_FORMATS
 
 from rsttrace.capture import contract as c
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
 from rsttrace.pipeline.events import Clock, decode, infer_sent_reason
 from rsttrace.sinks.output import human, json_line
 
@@ -19,7 +20,7 @@ STATES = {1: "TCP_ESTABLISHED", 2: "TCP_SYN_SENT", 6: "TCP_TIME_WAIT", 7: "TCP_C
 
 
 def facts(release: str = "6.18.44-fc-v657") -> kernel.KernelFacts:
-    f = kernel.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
+    f = kernel_read.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
     f.tcp_states = dict(STATES)  # what BTF would give; BTF itself is tested elsewhere
     return f
 

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from rsttrace.capture.bccload import BccMissing, CacheError, bcc_version, import_bcc, kernel_headers
+from rsttrace.capture.bccload import BccMissing, bcc_version, import_bcc
+from rsttrace.capture.headers import CacheError, kernel_headers
 from rsttrace.kernel import hooks
 from rsttrace.kernel.facts import RAW_ROLES, KernelFacts
 from rsttrace.kernel.read import gather

@@ -49,7 +49,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from rsttrace.sinks.exporter import LogLimiter, SeriesCap, SessionCollector
-    from rsttrace.sinks.httpserve import StartingApp, bind, parse_listen
+    from rsttrace.sinks.httpserve import bind, parse_listen
+    from rsttrace.sinks.webapp import StartingApp
 
     try:
         host, port = parse_listen(args.listen)

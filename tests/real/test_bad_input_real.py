@@ -145,9 +145,9 @@ PRIVATE = "mount --make-rprivate /\nmount -t tmpfs -o mode=0755 none /lib/module
 
 
 def cache_merges_here() -> None:
-    from rsttrace.capture import bccload
+    from rsttrace.capture import headers
 
-    if os.path.exists("/sys/kernel/kheaders.tar.xz") or not any(c for _a, c in bccload._header_pairs()):
+    if os.path.exists("/sys/kernel/kheaders.tar.xz") or not any(c for _a, c in headers._header_pairs()):
         pytest.fail("these cache tests need split distro headers in /usr/src (-common + arch) and no "
                     "/sys/kernel/kheaders.tar.xz, so that rsttrace merges a header tree")
 
@@ -192,9 +192,9 @@ def test_cache_variable_must_be_absolute(value: str) -> None:
 def test_group_writable_tree_is_refused_naming_the_directory() -> None:
     require_real_kernel()
     cache_merges_here()
-    from rsttrace.capture import bccload
+    from rsttrace.capture import headers
 
-    arch = os.path.basename(next(a for a, c in bccload._header_pairs() if c))
+    arch = os.path.basename(next(a for a, c in headers._header_pairs() if c))
     victim = "%s/headers/%s/include/linux" % (CACHE, arch)
     setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0755 none {c}\n{py} -m rsttrace doctor --no-load " \
                       ">/dev/null 2>&1 || true\nchmod g+w {v}".format(c=CACHE, py=PY, v=victim)
@@ -207,9 +207,9 @@ def test_marker_without_tree_is_rebuilt_and_umask_000_still_gives_0755() -> None
     and a cache whose marker outlived its tree never healing."""
     require_real_kernel()
     cache_merges_here()
-    from rsttrace.capture import bccload
+    from rsttrace.capture import headers
 
-    arch = os.path.basename(next(a for a, c in bccload._header_pairs() if c))
+    arch = os.path.basename(next(a for a, c in headers._header_pairs() if c))
     merged = "%s/headers/%s" % (CACHE, arch)
     # an empty 0777 cache, as a kubelet emptyDir is; the first run under umask 000
     setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0777 none {c}".format(c=CACHE)
@@ -229,7 +229,7 @@ echo "again: $again"
     assert [ln for ln in lines if ln.startswith(CACHE)] == []  # nothing group- or world-writable
     assert int(next(ln for ln in lines if ln.startswith("dirs="))[5:]) > 100  # the whole merged tree
     left = next(ln for ln in lines if ln.startswith("left:")).split()[1:]
-    assert bccload.MARKER in left and "include" not in left  # the marker stayed, its tree did not
+    assert headers.MARKER in left and "include" not in left  # the marker stayed, its tree did not
     assert "rebuilt" in lines
     again = {c["check"]: c for c in json.loads(next(ln for ln in lines if ln.startswith("again:"))[6:])}
     assert again["kernel headers"]["ok"], again["kernel headers"]

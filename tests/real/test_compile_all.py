@@ -15,7 +15,8 @@ import saved
 from realkernel import require_real_kernel
 from testpaths import KERNEL_ROOTS
 
-from rsttrace.capture.bccload import import_bcc, kernel_headers
+from rsttrace.capture.bccload import import_bcc
+from rsttrace.capture.headers import kernel_headers
 from rsttrace.capture.tracer import TraceOptions, Tracer
 from rsttrace.kernel import read as kernel_read
 

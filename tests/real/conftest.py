@@ -6,11 +6,11 @@ import threading
 from typing import Any, Dict, Iterator, List
 
 import pytest
-from netlab import Netns
-from realkernel import require_real_kernel
 
 from rsttrace.kernel.read import gather
 from rsttrace.pipeline.events import Event
+from tests.real.netlab import Netns
+from tests.real.realkernel import require_real_kernel
 
 
 class Recorder:

@@ -22,8 +22,9 @@ import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
-from netlab import Netns
-from realkernel import require_real_kernel
+
+from tests.real.netlab import Netns
+from tests.real.realkernel import require_real_kernel
 
 PY = sys.executable
 NOBODY = 65534
@@ -320,7 +321,7 @@ acc.close()  # unread data: the kernel aborts with a RST, in this process's clos
 
 
 def test_hostile_comm_is_escaped_in_human_output(ns: Netns) -> None:
-    from test_cli import run_rsttrace
+    from tests.real.test_cli import run_rsttrace
 
     rc, out, err, _ = run_rsttrace(
         ("--log-format", "json", "trace", "--netns", str(ns.inode), "--reason", "tcp_abort_on_close", "--count", "1",

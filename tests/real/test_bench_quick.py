@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from realkernel import require_real_kernel
+
+from tests.real.realkernel import require_real_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))

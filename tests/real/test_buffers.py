@@ -12,9 +12,9 @@ import threading
 from typing import Any, List
 
 import pytest
-from netlab import Netns, closed_port, connect_refused, delta, wait_for
 
 from rsttrace.kernel.read import gather
+from tests.real.netlab import Netns, closed_port, connect_refused, delta, wait_for
 
 
 def run_session(ns: Netns, force_perf: bool, pages: int, resets: int, slow: bool) -> Any:

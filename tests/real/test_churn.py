@@ -18,9 +18,9 @@ import struct
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
-from realkernel import require_real_kernel
 
 from rsttrace.kernel.read import gather
+from tests.real.realkernel import require_real_kernel
 
 CLONE_NEWNET = 0x40000000
 SIOCSIFFLAGS = 0x8914

@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 
 import pytest
-import saved
-from realkernel import require_real_kernel
-from testpaths import KERNEL_ROOTS
 
 from rsttrace.capture.bccload import import_bcc
 from rsttrace.capture.headers import kernel_headers
 from rsttrace.capture.tracer import TraceOptions, Tracer
 from rsttrace.kernel import read as kernel_read
+from tests import saved
+from tests.real.realkernel import require_real_kernel
+from tests.testpaths import KERNEL_ROOTS
 
 ROOTS = list(KERNEL_ROOTS.values())
 

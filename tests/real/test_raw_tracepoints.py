@@ -6,11 +6,11 @@ import os
 import platform
 
 import pytest
-import saved
-from testpaths import KERNEL_FORMATS
 
 from rsttrace.kernel import read as kernel_read
 from rsttrace.kernel.btf import Btf
+from tests import saved
+from tests.testpaths import KERNEL_FORMATS
 
 
 def _saved_root(release: str) -> str:
@@ -45,7 +45,7 @@ def test_reset_programs_run_on_the_hooks_asked_for(tracing: object) -> None:
 
 def test_a_failed_raw_attach_falls_back_to_perf_tracepoints(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel that refuses BPF_RAW_TRACEPOINT_OPEN (say, a security module) still gets traced."""
-    from realkernel import require_real_kernel
+    from tests.real.realkernel import require_real_kernel
 
     require_real_kernel()
     from rsttrace.capture.bccload import import_bcc

@@ -16,14 +16,14 @@ import sys
 from typing import Any, List, Tuple
 
 import pytest
-import saved
-from testpaths import KERNEL_ROOTS
 
 from rsttrace import cli
 from rsttrace.cli import argcheck, common
 from rsttrace.kernel import facts as kernel
 from rsttrace.kernel import read as kernel_read
 from rsttrace.pipeline import events, names
+from tests import saved
+from tests.testpaths import KERNEL_ROOTS
 
 BIG = "99999999999999999999999"
 

@@ -13,12 +13,12 @@ import tempfile
 from typing import Dict
 
 import pytest
-from testpaths import KERNEL_FORMATS
 
 from rsttrace.capture import codegen
 from rsttrace.kernel import facts as kernel
 from rsttrace.kernel import read as kernel_read
 from rsttrace.kernel.tracefs import Tracefs
+from tests.testpaths import KERNEL_FORMATS
 
 KERNELS = sorted(d for d in os.listdir(KERNEL_FORMATS) if os.path.isdir(os.path.join(KERNEL_FORMATS, d)))
 

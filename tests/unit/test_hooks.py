@@ -6,12 +6,12 @@ import os
 from typing import Dict
 
 import pytest
-import saved
-from testpaths import KERNEL_ROOTS
 
 from rsttrace.capture.tracer import TraceOptions, Tracer
 from rsttrace.kernel import facts as kernel
 from rsttrace.kernel import read as kernel_read
+from tests import saved
+from tests.testpaths import KERNEL_ROOTS
 
 KERNELS = KERNEL_ROOTS
 

@@ -10,12 +10,12 @@ import os
 from typing import Dict, Optional
 
 import pytest
-import saved
-from testpaths import KERNEL_ROOTS as ROOTS
 
 from rsttrace.capture.tracer import TraceOptions, Tracer
 from rsttrace.kernel import facts as kernel
 from rsttrace.kernel import read as kernel_read
+from tests import saved
+from tests.testpaths import KERNEL_ROOTS as ROOTS
 
 SKC_6_18 = {"OFF_SK_DADDR": 0, "OFF_SK_RCV_SADDR": 4, "OFF_SK_DPORT": 12, "OFF_SK_NUM": 14, "OFF_SK_FAMILY": 16,
             "OFF_SK_STATE": 18, "OFF_SK_NET": 48, "OFF_SK_V6_DADDR": 56, "OFF_SK_V6_RCV_SADDR": 72}

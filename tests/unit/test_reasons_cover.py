@@ -6,7 +6,6 @@ import json
 from typing import Any, Set
 
 import pytest
-from testpaths import KERNEL_ROOTS
 
 from rsttrace import cli
 from rsttrace.capture import contract as c
@@ -15,6 +14,7 @@ from rsttrace.kernel import facts as kernel
 from rsttrace.kernel import read as kernel_read
 from rsttrace.pipeline.events import name_reason
 from rsttrace.pipeline.overflow import DERIVED
+from tests.testpaths import KERNEL_ROOTS
 
 STATES = ["TCP_ESTABLISHED", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2", "TCP_TIME_WAIT",
           "TCP_CLOSE", "TCP_CLOSE_WAIT", "TCP_LAST_ACK", "TCP_LISTEN", "TCP_CLOSING", "TCP_NEW_SYN_RECV", None]

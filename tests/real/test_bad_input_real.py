@@ -174,11 +174,11 @@ def run_private(setup: str, argv: List[str], after: str = "", nobody: bool = Fal
 def test_cache_owned_by_another_user_is_refused(owned_by_nobody: str) -> None:
     require_real_kernel()
     cache_merges_here()
-    setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0755 none {c}\nmkdir -m 0755 {c}/headers\n" \
-                      "chown {u} {v}".format(c=CACHE, u=NOBODY, v=owned_by_nobody)
+    setup = PRIVATE + "mkdir -p %(c)s\nmount -t tmpfs -o mode=0755 none %(c)s\nmkdir -m 0755 %(c)s/headers\n" \
+                      "chown %(u)s %(v)s" % {"c": CACHE, "u": NOBODY, "v": owned_by_nobody}
     p, _ = run_private(setup, ["trace", "--json"])
     line = assert_one_error(p, "header cache: %s is owned by uid 65534, not root" % owned_by_nobody)
-    assert line.endswith("(remove it, rm -rf {v}, or chown -R root: {v})".format(v=owned_by_nobody)), line
+    assert line.endswith("(remove it, rm -rf %(v)s, or chown -R root: %(v)s)" % {"v": owned_by_nobody}), line
 
 
 @pytest.mark.parametrize("value", ["relative/cache", ""])
@@ -197,8 +197,8 @@ def test_group_writable_tree_is_refused_naming_the_directory() -> None:
 
     arch = os.path.basename(next(a for a, c in headers._header_pairs() if c))
     victim = "%s/headers/%s/include/linux" % (CACHE, arch)
-    setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0755 none {c}\n{py} -m rsttrace doctor --no-load " \
-                      ">/dev/null 2>&1 || true\nchmod g+w {v}".format(c=CACHE, py=PY, v=victim)
+    setup = PRIVATE + "mkdir -p %(c)s\nmount -t tmpfs -o mode=0755 none %(c)s\n%(py)s -m rsttrace doctor --no-load " \
+                      ">/dev/null 2>&1 || true\nchmod g+w %(v)s" % {"c": CACHE, "py": PY, "v": victim}
     p, _ = run_private(setup, ["trace"])
     assert_one_error(p, "header cache: %s is group- or world-writable (mode 0775)" % victim)
 
@@ -213,15 +213,15 @@ def test_marker_without_tree_is_rebuilt_and_umask_000_still_gives_0755() -> None
     arch = os.path.basename(next(a for a, c in headers._header_pairs() if c))
     merged = "%s/headers/%s" % (CACHE, arch)
     # an empty 0777 cache, as a kubelet emptyDir is; the first run under umask 000
-    setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0777 none {c}".format(c=CACHE)
-    after = """find {c} ! -type l -perm /022
-echo dirs=$(find {c} -type d | wc -l)
-rm -rf {m}/include
-echo left: $(ls -A {m})
-again=$({py} -m rsttrace --log-format json doctor --no-load --json 2>/dev/null | tr -d '\\n')
-test -f {m}/include/generated/autoconf.h && echo rebuilt
+    setup = PRIVATE + "mkdir -p %(c)s\nmount -t tmpfs -o mode=0777 none %(c)s" % {"c": CACHE}
+    after = """find %(c)s ! -type l -perm /022
+echo dirs=$(find %(c)s -type d | wc -l)
+rm -rf %(m)s/include
+echo left: $(ls -A %(m)s)
+again=$(%(py)s -m rsttrace --log-format json doctor --no-load --json 2>/dev/null | tr -d '\\n')
+test -f %(m)s/include/generated/autoconf.h && echo rebuilt
 echo "again: $again"
-""".format(c=CACHE, m=merged, py=PY)
+""" % {"c": CACHE, "m": merged, "py": PY}
     p, post = run_private(setup, ["--log-format", "json", "doctor", "--no-load", "--json"], after=after, umask="000")
     assert p.returncode in (0, 1), p.stderr  # 1: doctor without --no-load's load test is "not ok"
     checks = {c["check"]: c for c in json.loads(p.stdout)}

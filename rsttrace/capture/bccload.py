@@ -103,7 +103,7 @@ def captured_output(what: str = "bcc compile") -> Iterator[None]:
     """Whatever the body writes to file descriptors 1 and 2 (bcc's and clang's C-level chatter,
     such as "Unable to find kernel headers" on stdout) goes to one log line on stderr instead:
     stdout carries rsttrace's output only (``trace --json``)."""
-    from rsttrace.sinks import log
+    from rsttrace import log
 
     for stream in (sys.stdout, sys.stderr):
         try:

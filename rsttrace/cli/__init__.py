@@ -11,11 +11,10 @@ import os
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
-from rsttrace import __version__
+from rsttrace import __version__, log
 from rsttrace.capture.tracer import TracerError
 from rsttrace.cli import doctor, export, reasons, summary, trace
 from rsttrace.cli.common import ArgumentParser, UsageError, fail
-from rsttrace.sinks import log
 
 EXAMPLES = """examples:
   rsttrace trace                         # every reset sent or received, one line each

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Callable, Dict, Iterator, NoReturn, Optional, Tuple
 
+from rsttrace import log
 from rsttrace.capture.contract import KIND_BY_NAME
 from rsttrace.capture.tracer import TraceOptions
 from rsttrace.cli import argcheck, doctor
@@ -24,7 +25,7 @@ from rsttrace.pipeline.attribution import event_attributor
 from rsttrace.pipeline.events import Event
 from rsttrace.pipeline.filters import EventFilter
 from rsttrace.pipeline.session import Session
-from rsttrace.sinks import log, output
+from rsttrace.sinks import output
 
 
 class UsageError(Exception):

@@ -7,12 +7,12 @@ import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from rsttrace import log
 from rsttrace.capture.tracer import TraceOptions
 from rsttrace.cli import argcheck, common
 from rsttrace.cli.common import INTERVAL, LOG_RATE, PORT_LABELS, SERIES, UsageError, say, seconds
 from rsttrace.pipeline.attribution import metric_labeler
 from rsttrace.pipeline.events import Event
-from rsttrace.sinks import log
 from rsttrace.sinks.exporter import DEFAULT_PORT
 
 

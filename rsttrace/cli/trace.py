@@ -7,13 +7,14 @@ import sys
 import time
 from typing import Any, List
 
+from rsttrace import log
 from rsttrace.capture.tracer import TraceOptions
 from rsttrace.cli import argcheck, common
 from rsttrace.cli.common import COUNT, DURATION, EVENT_RATE, UsageError, say, seconds
 from rsttrace.pipeline import names
 from rsttrace.pipeline.events import Event
 from rsttrace.pipeline.filters import EventFilter, FilterError, parse_addrs, parse_kinds, parse_ports
-from rsttrace.sinks import log, output
+from rsttrace.sinks import output
 
 
 def add_parser(sub: Any, examples: str) -> None:

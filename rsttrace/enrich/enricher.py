@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
+from rsttrace import log as rlog
 from rsttrace.enrich.cgroups import CgroupIdentity, find_cgroup2_root, walk_cgroup2
 from rsttrace.enrich.kubelet import ContainerLog, PodDir, scan_containers_dir, scan_pods_dir
 from rsttrace.enrich.procscan import ProcInNetns, scan_proc
-from rsttrace.sinks import log as rlog
 
 # Lower bound between two scans, so lookups of unknown ids (each of which
 # nudges the refresher) cannot make it scan back to back.

@@ -43,7 +43,7 @@ from waitress.channel import HTTPChannel  # type: ignore[import-untyped]
 from waitress.server import TcpWSGIServer  # type: ignore[import-untyped]
 from waitress.task import ThreadedTaskDispatcher  # type: ignore[import-untyped]
 
-from rsttrace.sinks import log
+from rsttrace import log
 from rsttrace.sinks.exporter import DEFAULT_PORT
 
 THREADS = 4  # workers; a scrape takes a few ms and scrapes are serialised by the collector anyway

@@ -213,7 +213,7 @@ def test_unwritable_cache_names_the_fix(tmp_path: str, monkeypatch: pytest.Monke
 
 def test_captured_output_keeps_c_level_writes_off_stdout(capfd: pytest.CaptureFixture[str]) -> None:
     """What bcc and clang write to fds 1 and 2 during a compile becomes one log line on stderr."""
-    from rsttrace.sinks import log
+    from rsttrace import log
 
     log.configure("info", "json")
     print("before", flush=True)
@@ -230,7 +230,7 @@ def test_captured_output_keeps_c_level_writes_off_stdout(capfd: pytest.CaptureFi
 
 
 def test_captured_output_restores_fds_when_the_body_fails(capfd: pytest.CaptureFixture[str]) -> None:
-    from rsttrace.sinks import log
+    from rsttrace import log
 
     log.configure("info", "json")
     with pytest.raises(RuntimeError), bccload.captured_output("bcc compile"):

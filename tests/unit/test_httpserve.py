@@ -14,8 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from rsttrace import cli
-from rsttrace.sinks import log
+from rsttrace import cli, log
 from rsttrace.sinks.httpserve import HttpServer, connection_limit
 from rsttrace.sinks.webapp import StartingApp
 

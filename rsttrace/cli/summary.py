@@ -11,7 +11,7 @@ from typing import Any, Dict
 from rsttrace.capture.tracer import TraceOptions
 from rsttrace.cli import common
 from rsttrace.cli.common import DURATION, INTERVAL, UsageError, say, seconds
-from rsttrace.pipeline.filters import FilterError, parse_kinds
+from rsttrace.pipeline.filters import EventFilter, FilterError, parse_kinds
 from rsttrace.pipeline.session import group
 from rsttrace.sinks import output
 
@@ -31,12 +31,11 @@ def add_parser(sub: Any) -> None:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     try:
-        kinds = parse_kinds(args.kind)
+        filt = EventFilter(kinds=parse_kinds(args.kind), netns=args.netns, family=common.family(args))
     except FilterError as e:
         raise UsageError(str(e)) from e
     facts = common.prepare()
     common.check_against_kernel(args, facts)
-    family = common.family(args)
     # Counters only: nothing crosses the ring buffer, so a summary costs the traced
     # workload as little as rsttrace can.
     session = common.new_session(facts, TraceOptions(events=False, raw_tracepoints=not args.no_raw_tracepoints),
@@ -52,10 +51,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
             session.run(stop, duration=max(0.0, end - time.monotonic()))
             if stop.is_set() or (args.duration and time.monotonic() - started >= args.duration):
                 session.finish()  # the last interval includes the last seconds' overflows
-            counts = {k: n for k, n in session.counts().items()
-                      if (kinds is None or k.kind in kinds)
-                      and (args.netns is None or k.netns == args.netns)
-                      and (family is None or k.family in (family, None))}
+            counts = {k: n for k, n in session.counts().items() if filt.match_count(k.kind, k.netns, k.family)}
             totals = group(counts)
             rows = {k: (n - prev.get(k, 0), n) for k, n in totals.items()}
             prev = totals

@@ -1,40 +1,22 @@
-"""``rsttrace read FILE.pcapng`` and the run totals ``trace -w`` writes: capture now, inspect later.
+"""``rsttrace read FILE.pcapng``: capture now (``trace -w``), inspect later.
 
 ``read`` renders a capture as ``trace`` printed it (human lines or ``--json``, the same filters):
-each packet's comment holds the event's ``--json`` object (rsttrace/pcapng.py), so ``read --json``
+each packet's comment holds the event's ``--json`` object (rsttrace/sinks/pcapng.py), so ``read --json``
 prints the very lines ``trace --json`` printed in the same run. Packets without an rsttrace
 comment (another tool's capture) are counted and skipped.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, List, Optional
 
-from rsttrace.sinks import pcapng
-from rsttrace.sinks import log
-from rsttrace.sinks import output
+from rsttrace import log
+from rsttrace.cli import argcheck, common
+from rsttrace.cli.common import COUNT, UsageError, say
 from rsttrace.pipeline.filters import EventFilter
-from rsttrace.pipeline.session import Session, group
-
-
-def run_totals(session: Session, packets: int, filt: Optional[EventFilter] = None) -> Dict[str, Any]:
-    """What a capture does not contain, for its statistics blocks: events delivered (written),
-    held back by the event budget, lost, and the in-kernel counters (kind, reason, state) within
-    the trace's kind, namespace and family filters, as ``summary`` shows them (the counters
-    always count everything; reasons, ports and addresses are not filtered in them)."""
-    lost = session.lost()
-    f = filt or EventFilter()
-    counts = {k: n for k, n in session.counts().items()
-              if (f.kinds is None or k.kind in f.kinds) and (f.netns is None or k.netns == f.netns)
-              and (f.family is None or k.family in (f.family, None))}
-    counters: List[Dict[str, Any]] = [
-        {"kind": k, "reason": r, "state": s, "total": n} for (k, r, s), n in sorted(group(counts).items())]
-    scope = {"netns": f.netns, "kinds": f.kinds, "family": f.family}
-    return {"delivered": session.delivered, "packets": packets, "held_back": lost["suppressed"],
-            "lost_kernel": lost["lost_kernel"], "lost_user": lost["lost_user"],
-            "counter_map_full": lost["counter_map_full"], "kernel_counters": counters,
-            "kernel_counters_scope": {k: v for k, v in scope.items() if v is not None}}
+from rsttrace.sinks import output, pcapread
 
 
 class ReadError(Exception):
@@ -52,7 +34,7 @@ def read(path: str, filt: EventFilter, as_json: bool, count: Optional[int] = Non
         raise ReadError("cannot read %s: %s" % (path, e.strerror or e)) from e
     line = output.json_line if as_json else output.human
     shown = packets = foreign = 0
-    reader = pcapng.Reader(f)
+    reader = pcapread.Reader(f)
     # the human header goes out with the first lines (or at the end): a file that is not a
     # capture leaves stdout empty, as every bad input does
     pending: List[str] = [] if as_json else [output.HEADER]
@@ -60,7 +42,7 @@ def read(path: str, filt: EventFilter, as_json: bool, count: Optional[int] = Non
         try:
             for pkt in reader.packets():
                 packets += 1
-                ev = pcapng.event_of(pkt.comments)
+                ev = pcapread.event_of(pkt.comments)
                 if ev is None:
                     foreign += 1
                     continue
@@ -73,7 +55,7 @@ def read(path: str, filt: EventFilter, as_json: bool, count: Optional[int] = Non
                     pending.clear()
                 if count is not None and shown >= count:
                     break
-        except pcapng.FormatError as e:
+        except pcapread.FormatError as e:
             raise ReadError("%s: %s" % (path, e)) from e
         except OSError as e:
             raise ReadError("reading %s: %s" % (path, e.strerror or e)) from e
@@ -88,7 +70,7 @@ def read(path: str, filt: EventFilter, as_json: bool, count: Optional[int] = Non
                        "whole block", file=path, packets=packets)
     if foreign:
         logger.warning("packets without an rsttrace event skipped", skipped=foreign)
-    totals = pcapng.totals_of(reader.stats)
+    totals = pcapread.totals_of(reader.stats)
     if count is None or shown < count:
         if totals is None:
             logger.info("read", file=path, packets=packets, shown=shown, totals="none in the file (the writer did "
@@ -97,3 +79,26 @@ def read(path: str, filt: EventFilter, as_json: bool, count: Optional[int] = Non
             logger.info("read", file=path, packets=packets, shown=shown,
                         run={k: v for k, v in totals.items() if k != "kernel_counters"})
     return shown
+
+
+def add_parser(sub: Any) -> None:
+    rd = sub.add_parser("read", help="print a capture written by trace -w, as trace printed it",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  rsttrace read resets.pcapng\n"
+                               "  rsttrace read resets.pcapng --json --reason NO_SOCKET --port 443\n"
+                               "  rsttrace trace -w - --all-events | rsttrace read - --json\n")
+    rd.add_argument("file", metavar="FILE", help="a pcapng file from rsttrace trace -w (- for stdin)")
+    common.common_filters(rd, check_netns=False)
+    common.event_filter_args(rd)
+    rd.add_argument("--json", action="store_true", help="one JSON object per line, as trace --json printed it")
+    rd.add_argument("--count", type=argcheck.integer(*COUNT), metavar="N",
+                    help="stop after N events (%s)" % say(COUNT))
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    filt = common.event_filter(args)
+    try:
+        read(args.file, filt, as_json=args.json, count=args.count)
+    except ReadError as e:
+        raise UsageError(str(e)) from e
+    return 0

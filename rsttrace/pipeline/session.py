@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from rsttrace.capture import contract as c
+from rsttrace.capture.tracer import TraceOptions, Tracer
+from rsttrace.kernel.facts import KernelFacts
 from rsttrace.pipeline.events import Clock, Decoder, Event, name_reason
 from rsttrace.pipeline.filters import EventFilter
-from rsttrace.kernel.facts import KernelFacts
 from rsttrace.pipeline.overflow import OverflowPoller
-from rsttrace.capture.tracer import TraceOptions, Tracer
 
 _FIN_WAIT = ("TCP_FIN_WAIT1", "TCP_FIN_WAIT2")
 

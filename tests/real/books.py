@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from tests.real.netlab import Netns
-
 from rsttrace.kernel import procnet
+from tests.real.netlab import Netns
 
 KERNEL = (("Tcp", "OutRsts"), ("Tcp", "EstabResets"), ("Tcp", "AttemptFails"), ("TcpExt", "EmbryonicRsts"),
           ("TcpExt", "ListenOverflows"), ("TcpExt", "ListenDrops"), ("TcpExt", "TCPReqQFullDrop"),

@@ -10,6 +10,7 @@ import time
 from typing import Any, Dict, Iterator, List
 
 import pytest
+
 from tests.real.kubelet import KubeletPod
 from tests.real.netlab import closed_port, connect_refused, overflow_on_ack, wait_for
 from tests.real.realkernel import require_real_kernel

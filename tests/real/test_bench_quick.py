@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.real.realkernel import require_real_kernel
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+
+from rsttrace.sinks import pcapread
 from tests.real.netlab import Netns, closed_port, connect_refused, delta, linger0, overflow_on_ack, pair
 from tests.real.test_cli import rsttrace, wait_ready
-
-from rsttrace.sinks import pcapng
 
 FLAGS = {"sent": "0x0004", "received": "0x0004", "listen_overflow_syn": "0x0002", "syn_queue_overflow": "0x0002",
          "listen_drop": "0x0002", "listen_overflow_ack": "0x0010"}
@@ -123,9 +123,9 @@ def test_capture_of_real_resets(ns: Netns, tmp_path: Path) -> None:
     capinfos = subprocess.run([tool("tshark"), "-r", cap, "-q", "-z", "io,stat,0"], capture_output=True, text=True)
     assert capinfos.returncode == 0, capinfos.stderr
     with open(cap, "rb") as f:
-        reader = pcapng.Reader(f)
+        reader = pcapread.Reader(f)
         assert len(list(reader.packets())) == len(events) and not reader.truncated
-    totals = pcapng.totals_of(reader.stats)
+    totals = pcapread.totals_of(reader.stats)
     assert totals is not None and totals["final"] is True
     assert (totals["delivered"], totals["packets"], totals["lost_kernel"], totals["held_back"]) == (
         len(events), len(events), 0, 0)
@@ -189,7 +189,7 @@ def test_killed_capture_opens_up_to_its_last_whole_block(ns: Netns, tmp_path: Pa
             proc.kill()
     with open(cap, "rb") as f:
         data = f.read()
-    r = pcapng.Reader(io.BytesIO(data))
+    r = pcapread.Reader(io.BytesIO(data))
     whole = list(r.packets())
     assert len(whole) > 500
     # the writer writes whole blocks in one write(): tshark reads exactly what rsttrace reads
@@ -206,7 +206,7 @@ def test_killed_capture_opens_up_to_its_last_whole_block(ns: Netns, tmp_path: Pa
         f.write(data[:ends[-2] + (ends[-1] - ends[-2]) // 2])
     rc, n = tshark_count(cut)
     with open(cut, "rb") as f:
-        r2 = pcapng.Reader(f)
+        r2 = pcapread.Reader(f)
         cut_packets = list(r2.packets())
     assert r2.truncated and n == len(cut_packets) == len(whole) - 1
     assert rc != 0  # tshark says the file was cut short, after printing every whole packet

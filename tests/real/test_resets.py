@@ -14,6 +14,7 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
+
 from tests.real.books import balance, snapshot
 from tests.real.netlab import (
     Netns,

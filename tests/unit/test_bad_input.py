@@ -16,13 +16,14 @@ import sys
 from typing import Any, List, Tuple
 
 import pytest
-from tests.testpaths import KERNEL_ROOTS
 
-from rsttrace.cli import argcheck
 from rsttrace import cli
-from rsttrace.pipeline import events
+from rsttrace.cli import argcheck, common
 from rsttrace.kernel import facts as kernel
-from rsttrace.pipeline import names
+from rsttrace.kernel import read as kernel_read
+from rsttrace.pipeline import events, names
+from tests import saved
+from tests.testpaths import KERNEL_ROOTS
 
 BIG = "99999999999999999999999"
 
@@ -210,15 +211,15 @@ def saved_kernel(monkeypatch: pytest.MonkeyPatch) -> kernel.KernelFacts:
     def session(*_a: Any, **_kw: Any) -> None:
         raise Reached("validation passed: a Session would compile now")
 
-    monkeypatch.setattr(cli, "prepare", lambda need_root=True: facts)
-    monkeypatch.setattr(cli, "Session", session)
+    monkeypatch.setattr(common, "prepare", lambda need_root=True: facts)
+    monkeypatch.setattr(common, "Session", session)
     return facts
 
 
 def saved_facts(version: str = "6.18") -> kernel.KernelFacts:
     root = KERNEL_ROOTS[version]
-    return kernel.gather(root, btf_path=None, release=version,
-                         functions=kernel.functions_fixture(os.path.join(root, "functions.txt")))
+    return kernel_read.gather(root, btf_path=None, release=version,
+                         functions=saved.functions_fixture(os.path.join(root, "functions.txt")))
 
 
 @pytest.mark.parametrize("argv,msg", PARSE_LEVEL, ids=[" ".join(a) or "(none)" for a, _ in PARSE_LEVEL])
@@ -235,7 +236,7 @@ def test_before_the_kernel_is_read(argv: List[str], msg: str, capfd: pytest.Capt
     def prepare(need_root: bool = True) -> None:
         raise Reached("the kernel was read before a syntax error was reported")
 
-    monkeypatch.setattr(cli, "prepare", prepare)
+    monkeypatch.setattr(common, "prepare", prepare)
     assert msg in one_error_line(capfd, argv)
 
 
@@ -275,7 +276,7 @@ def test_every_name_rsttrace_prints_is_a_valid_reason(version: str, capsys: pyte
     """names.valid_reasons is the one list: `rsttrace reasons` and events' inferred names are in it."""
     facts = saved_facts(version)
     valid = names.valid_reasons(facts)
-    monkeypatch.setattr(cli, "prepare", lambda need_root=True: facts)
+    monkeypatch.setattr(common, "prepare", lambda need_root=True: facts)
     assert cli.main(["reasons", "--json"]) == 0
     import json
 

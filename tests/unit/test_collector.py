@@ -9,9 +9,9 @@ from typing import Dict, List
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from rsttrace.pipeline.session import CountKey
 from rsttrace.sinks.exporter import LogLimiter, SeriesCap, SessionCollector
 from rsttrace.sinks.httpserve import parse_listen
-from rsttrace.pipeline.session import CountKey
 
 SNMP = "Tcp: RtoAlgorithm OutRsts EstabResets\nTcp: 1 42 7\n"
 NETSTAT = ("TcpExt: ListenOverflows ListenDrops TCPAbortOnData TCPAbortOnClose TCPReqQFullDoCookies\n"

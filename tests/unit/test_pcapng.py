@@ -16,9 +16,9 @@ from typing import List, Tuple
 
 import pytest
 
-from rsttrace.sinks import pcapng
 from rsttrace.pipeline.events import Attribution, Event
 from rsttrace.pipeline.filters import EventFilter
+from rsttrace.sinks import pcapng, pcapread
 from rsttrace.sinks.output import human, json_line
 
 OFFSET = 1_764_000_000 * 10**9  # CLOCK_MONOTONIC -> wall clock, as a Clock would have it
@@ -64,8 +64,8 @@ def capture_bytes(events: List[Event], final: bool = True) -> bytes:
     return out
 
 
-def read(data: bytes) -> Tuple[pcapng.Reader, List[pcapng.Packet]]:
-    r = pcapng.Reader(io.BytesIO(data))
+def read(data: bytes) -> Tuple[pcapread.Reader, List[pcapread.Packet]]:
+    r = pcapread.Reader(io.BytesIO(data))
     return r, list(r.packets())
 
 
@@ -84,13 +84,13 @@ def test_round_trip_prints_what_trace_printed() -> None:
     assert not r.truncated
     assert len(pkts) == len(EVENTS)
     for e, p in zip(EVENTS, pkts):
-        back = pcapng.event_of(p.comments)
+        back = pcapread.event_of(p.comments)
         assert back is not None
         assert json_line(back) == json_line(e)  # --json, byte for byte
         assert human(back) == human(e)
         assert p.linktype == pcapng.LINKTYPE_RAW and p.tsresol == 10**9
         assert p.ts == e.ktime_ns + OFFSET  # the packet's time is the event's
-    totals = pcapng.totals_of(r.stats)
+    totals = pcapread.totals_of(r.stats)
     assert totals is not None and totals["final"] is True
     assert (totals["delivered"], totals["held_back"], totals["lost_kernel"]) == (len(EVENTS), 2, 1)
     assert r.stats[-1]["usrdeliv"] == len(EVENTS) and r.stats[-1]["ifdrop"] == 1 and r.stats[-1]["osdrop"] == 2
@@ -156,7 +156,7 @@ def test_every_cut_reads_up_to_the_last_whole_block() -> None:
         assert len(pkts) == whole, cut
         assert r.truncated == (cut not in ends), cut
         for e, p in zip(EVENTS, pkts):
-            back = pcapng.event_of(p.comments)
+            back = pcapread.event_of(p.comments)
             assert back is not None and json_line(back) == json_line(e)
 
 
@@ -174,15 +174,15 @@ def test_big_endian_section() -> None:
     epb = struct.pack(">II", 6, 12 + len(epb_body)) + epb_body + struct.pack(">I", 12 + len(epb_body))
     r, pkts = read(shb + idb + epb)
     assert len(pkts) == 1 and pkts[0].ts == 7 and pkts[0].tsresol == 10**6 and pkts[0].data == pkt
-    back = pcapng.event_of(pkts[0].comments)
+    back = pcapread.event_of(pkts[0].comments)
     assert back is not None and json_line(back) == json_line(EVENTS[0])
 
 
 def test_not_pcapng() -> None:
-    with pytest.raises(pcapng.FormatError):
+    with pytest.raises(pcapread.FormatError):
         read(b"\xd4\xc3\xb2\xa1" + b"\0" * 20)  # a classic pcap file
     for data in (b"", b"\x0a\x0d", b"hello, world\n"):
-        with pytest.raises(pcapng.FormatError, match="not a pcapng file"):
+        with pytest.raises(pcapread.FormatError, match="not a pcapng file"):
             read(data)
 
 
@@ -198,10 +198,10 @@ def test_capture_writes_whole_blocks(tmp_path: Path) -> None:
     cap.stats({"delivered": 4, "held_back": 0, "lost_kernel": 0}, final=True)
     cap.close()
     with open(path, "rb") as f:
-        r = pcapng.Reader(f)
+        r = pcapread.Reader(f)
         pkts = list(r.packets())
     assert len(pkts) == 4 and len(r.stats) == 2 and not r.truncated
-    totals = pcapng.totals_of(r.stats)
+    totals = pcapread.totals_of(r.stats)
     assert totals is not None and totals["delivered"] == 4 and totals["final"] is True
 
 

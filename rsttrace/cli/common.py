@@ -78,11 +78,14 @@ def common_filters(p: argparse.ArgumentParser, check_netns: bool = True) -> None
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
 
 
-def event_filter_args(p: argparse.ArgumentParser) -> None:
-    """The filters only events have (counters have no reason name, peer or address)."""
+def event_filter_args(p: argparse.ArgumentParser, live: bool = True) -> None:
+    """The filters only events have (counters have no reason name, peer or address). ``live``:
+    reason names are checked against the running kernel's (trace); a capture's are its own."""
     p.add_argument("--reason", action="append", metavar="NAME",
-                   help="only these reason names (comma list, case-insensitive): the running kernel's and "
-                        "rsttrace's own; an unknown one is refused with the list (explained: `rsttrace reasons`)")
+                   help="only these reason names (comma list, case-insensitive): "
+                        + ("the running kernel's and rsttrace's own; an unknown one is refused with the list "
+                           "(explained: `rsttrace reasons`)" if live else
+                           "as the capture names them (the tracing kernel's, not this one's)"))
     p.add_argument("--port", action="append", metavar="PORT", help="local or remote port, 1 to 65535 (comma list)")
     p.add_argument("--addr", action="append", metavar="CIDR", help="local or remote address or network")
 

@@ -89,7 +89,7 @@ def add_parser(sub: Any) -> None:
                                "  rsttrace trace -w - --all-events | rsttrace read - --json\n")
     rd.add_argument("file", metavar="FILE", help="a pcapng file from rsttrace trace -w (- for stdin)")
     common.common_filters(rd, check_netns=False)
-    common.event_filter_args(rd)
+    common.event_filter_args(rd, live=False)
     rd.add_argument("--json", action="store_true", help="one JSON object per line, as trace --json printed it")
     rd.add_argument("--count", type=argcheck.integer(*COUNT), metavar="N",
                     help="stop after N events (%s)" % say(COUNT))

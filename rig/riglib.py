@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Dict, List, Optional, Tuple
 
 RIG_DIR = Path(__file__).resolve().parent
 GUEST_DIR = RIG_DIR / "guest"
@@ -43,17 +43,17 @@ MARK = "RSTTRACE-RIG:"
 class Release:
     label: str  # what --kernel takes and what prefixes output lines
     suite: str  # Debian suite given to debootstrap
-    aliases: tuple[str, ...]  # also taken by --kernel: release number, codename
+    aliases: Tuple[str, ...]  # also taken by --kernel: release number, codename
     python: str  # the suite's python3 ("3.11"): selects requirements.txt lines by marker
     flavor: str = ""  # kernel flavor: "" is Debian's generic amd64, "cloud" is cloud-amd64
 
     @property
     def slug(self) -> str:
         """Name of this image in the cache (images/, debs/, locks/, logs/)."""
-        return f"{self.suite}-{self.flavor}" if self.flavor else self.suite
+        return "%s-%s" % (self.suite, self.flavor) if self.flavor else self.suite
 
 
-RELEASES: tuple[Release, ...] = (
+RELEASES: Tuple[Release, ...] = (
     Release("5.10", "bullseye", ("11",), "3.9"),
     Release("6.1", "bookworm", ("12",), "3.11"),
     Release("6.12", "trixie", ("13",), "3.13"),
@@ -82,7 +82,7 @@ def say(prefix: str, text: str, stream: IO[str] = sys.stdout) -> None:
     """Print one line per input line, prefixed, without interleaving threads."""
     with _print_lock:
         for line in text.splitlines() or [""]:
-            stream.write(f"[{prefix}] {line}\n")
+            stream.write("[%s] %s\n" % (prefix, line))
         stream.flush()
 
 
@@ -93,7 +93,7 @@ class RigError(Exception):
 # ------------------------------------------------------------ input lists ---
 
 
-def read_list(path: Path) -> list[str]:
+def read_list(path: Path) -> List[str]:
     """Non-empty lines of a package or requirements file, comments removed."""
     items = []
     for raw in path.read_text().splitlines():
@@ -103,7 +103,7 @@ def read_list(path: Path) -> list[str]:
     return items
 
 
-def release_packages(release: Release, packages: Sequence[str]) -> list[str]:
+def release_packages(release: Release, packages: Sequence[str]) -> List[str]:
     """packages.txt for one release: a flavor swaps in its own kernel and headers."""
     swap = FLAVOR_PACKAGES.get(release.flavor, {})
     return [swap.get(p, p) for p in packages]
@@ -112,11 +112,11 @@ def release_packages(release: Release, packages: Sequence[str]) -> list[str]:
 _MARKER = re.compile(r"""python_version\s*(<=|>=|==|!=|<|>)\s*["']?(\d+(?:\.\d+)*)["']?""")
 
 
-def _version(text: str) -> tuple[int, ...]:
+def _version(text: str) -> Tuple[int, ...]:
     return tuple(int(x) for x in text.split("."))
 
 
-def release_wheels(release: Release, lines: Sequence[str]) -> list[str]:
+def release_wheels(release: Release, lines: Sequence[str]) -> List[str]:
     """requirements.txt lines that apply to the release's Python, markers removed.
 
     Only ``python_version <op> "X.Y"`` markers (joined by ``and``) are understood: enough
@@ -144,7 +144,7 @@ def release_wheels(release: Release, lines: Sequence[str]) -> list[str]:
             for term in terms:
                 m = _MARKER.fullmatch(term)
                 if not m:
-                    raise RigError(f"requirements.txt: marker {term!r} not understood (only python_version)")
+                    raise RigError("requirements.txt: marker %r not understood (only python_version)" % (term,))
                 keep = keep and ops[m.group(1)](have, _version(m.group(2)))
             if not keep:
                 continue
@@ -181,13 +181,13 @@ def _dist_info_dir(names: Iterable[str]) -> str:
     tops = {n.split("/", 1)[0] for n in names}
     infos = [t for t in tops if t.endswith(".dist-info")]
     if len(infos) != 1:
-        raise RigError(f"wheel has {len(infos)} .dist-info directories")
+        raise RigError("wheel has %s .dist-info directories" % len(infos))
     return infos[0]
 
 
-def console_scripts(entry_points: str) -> dict[str, str]:
+def console_scripts(entry_points: str) -> Dict[str, str]:
     """The [console_scripts] section of an entry_points.txt: name -> target."""
-    scripts: dict[str, str] = {}
+    scripts: Dict[str, str] = {}
     section = ""
     for raw in entry_points.splitlines():
         line = raw.strip()
@@ -205,10 +205,10 @@ def script_text(target: str) -> str:
     module, _, attr = target.partition(":")
     call = attr or "main"
     head = call.split(".", 1)[0]
-    return f"#!/usr/bin/python3\nimport sys\nfrom {module} import {head}\nsys.exit({call}())\n"
+    return "#!/usr/bin/python3\nimport sys\nfrom %s import %s\nsys.exit(%s())\n" % (module, head, call)
 
 
-def install_wheel(wheel: Path, root: Path, python: str) -> list[str]:
+def install_wheel(wheel: Path, root: Path, python: str) -> List[str]:
     """Unpack one wheel into root's /usr/local the way pip would, without pip.
 
     The minbase image has no pip, and running pip in a chroot would need the
@@ -228,7 +228,7 @@ def install_wheel(wheel: Path, root: Path, python: str) -> list[str]:
                 continue
             parts = name.split("/")
             if name.startswith("/") or ".." in parts:
-                raise RigError(f"{wheel.name}: unsafe path {name}")
+                raise RigError("%s: unsafe path %s" % (wheel.name, name))
             if parts[0] == data:
                 kind, rest = parts[1], parts[2:]
                 if kind in ("purelib", "platlib"):
@@ -246,7 +246,7 @@ def install_wheel(wheel: Path, root: Path, python: str) -> list[str]:
         (site / info / "INSTALLER").write_text("rsttrace-rig\n")
         made = []
         try:
-            eps = zf.read(f"{info}/entry_points.txt").decode()
+            eps = zf.read("%s/entry_points.txt" % (info,)).decode()
         except KeyError:
             eps = ""
         for name, target in console_scripts(eps).items():
@@ -265,8 +265,8 @@ class Image:
     release: Release
     key: str
     directory: Path
-    meta: dict[str, object] = field(default_factory=dict)
-    built_seconds: float | None = None  # None: taken from the cache
+    meta: Dict[str, object] = field(default_factory=dict)
+    built_seconds: Optional[float] = None  # None: taken from the cache
 
     @property
     def root_img(self) -> Path:
@@ -281,13 +281,13 @@ class Image:
         return self.directory / "initrd.img"
 
 
-def mke2fs_version() -> tuple[int, ...]:
+def mke2fs_version() -> Tuple[int, ...]:
     out = subprocess.run(["mke2fs", "-V"], capture_output=True, text=True, check=False)
     m = re.search(r"mke2fs (\d+)\.(\d+)", out.stdout + out.stderr)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def tree_usage(root: Path) -> tuple[int, int]:
+def tree_usage(root: Path) -> Tuple[int, int]:
     """(bytes rounded up to 4 KiB blocks, inode count) of a directory tree."""
     total, count = 0, 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -310,11 +310,11 @@ def make_ext4(tree: Path, image: Path, label: str, log: IO[str]) -> None:
         # orphan_file (default in newer mke2fs.conf) is unknown to 5.10,
         # which would then refuse to mount the root read-write.
         cmd += ["-O", "^orphan_file"]
-    cmd += [str(image), f"{size_mib}M"]
+    cmd += [str(image), "%sM" % (size_mib,)]
     run_logged(cmd, log)
 
 
-def _mounts_under(path: Path) -> list[str]:
+def _mounts_under(path: Path) -> List[str]:
     prefix = str(path.resolve()) + "/"
     found = []
     with open("/proc/mounts") as f:
@@ -332,7 +332,7 @@ def remove_tree(path: Path) -> None:
     for mnt in _mounts_under(path):
         subprocess.run(["umount", "-l", mnt], check=False)
     if _mounts_under(path):
-        raise RigError(f"{path} still has mounts; not removing it")
+        raise RigError("%s still has mounts; not removing it" % (path,))
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -347,10 +347,10 @@ def run_logged(cmd: Sequence[str], log: IO[str], **kw: object) -> None:
         **kw,  # type: ignore[call-overload]
     )
     if proc.returncode != 0:
-        raise RigError(f"{cmd[0]} failed with status {proc.returncode}")
+        raise RigError("%s failed with status %s" % (cmd[0], proc.returncode))
 
 
-def pip_command() -> list[str]:
+def pip_command() -> List[str]:
     probe = subprocess.run(
         [sys.executable, "-m", "pip", "--version"],
         capture_output=True,
@@ -370,29 +370,29 @@ def guest_python(root: Path) -> str:
     target = os.readlink(root / "usr/bin/python3")
     name = os.path.basename(target)
     if not re.fullmatch(r"python3\.\d+", name):
-        raise RigError(f"unexpected /usr/bin/python3 -> {target}")
+        raise RigError("unexpected /usr/bin/python3 -> %s" % (target,))
     return name
 
 
-def kernel_files(root: Path) -> tuple[str, Path, Path]:
+def kernel_files(root: Path) -> Tuple[str, Path, Path]:
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
-        raise RigError(f"expected one kernel in /boot, found {len(kernels)}")
+        raise RigError("expected one kernel in /boot, found %s" % len(kernels))
     version = kernels[0].name[len("vmlinuz-") :]
-    initrd = root / "boot" / f"initrd.img-{version}"
+    initrd = root / "boot" / ("initrd.img-%s" % (version,))
     if not initrd.exists():
-        raise RigError(f"no initrd for {version}: did initramfs-tools run?")
+        raise RigError("no initrd for %s: did initramfs-tools run?" % (version,))
     build = root / "lib/modules" / version / "build"
-    if not os.path.lexists(build) or not (root / f"usr/src/linux-headers-{version}").is_dir():
-        raise RigError(f"no matching linux-headers for {version}")
+    if not os.path.lexists(build) or not (root / ("usr/src/linux-headers-%s" % (version,))).is_dir():
+        raise RigError("no matching linux-headers for %s" % (version,))
     return version, kernels[0], initrd
 
 
 @dataclass
 class BuildConfig:
     cache: Path
-    packages: list[str]
-    wheels: list[str]
+    packages: List[str]
+    wheels: List[str]
     requirements: Path
     mirror: str  # "" = debootstrap's own default mirror
     rebuild: bool = False
@@ -403,7 +403,7 @@ def image_for(release: Release, cfg: BuildConfig) -> Image:
     packages = release_packages(release, cfg.packages)
     wheels = release_wheels(release, cfg.wheels)
     key = cache_key(release, packages, wheels, cfg.mirror or "default", stage1)
-    directory = cfg.cache / "images" / f"{release.slug}-{key}"
+    directory = cfg.cache / "images" / ("%s-%s" % (release.slug, key))
     return Image(release, key, directory)
 
 
@@ -422,7 +422,7 @@ def ensure_image(release: Release, cfg: BuildConfig) -> Image:
         return image
     locks = cfg.cache / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{release.slug}.lock", "w") as lock:
+    with open(locks / ("%s.lock" % (release.slug,)), "w") as lock:
         # Another rig run (another engineer, another CI job) may be building
         # the same image: wait for it instead of racing it.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -465,7 +465,7 @@ def preseed_root(root: Path) -> None:
         # sid's kernel depends on "dracut | initramfs-tools", so debootstrap installs dracut:
         # the same small initrd from it (drivers= is the exclusive list; deps come along).
         "etc/dracut.conf.d/rsttrace-rig.conf": (
-            'hostonly="no"\n' f'drivers=" {" ".join(INITRD_MODULES)} "\n' 'compress="gzip"\n'
+            "hostonly=\"no\"\ndrivers=\" %s \"\ncompress=\"gzip\"\n" % (" ".join(INITRD_MODULES),)
         ),
     }
     for rel, text in files.items():
@@ -478,16 +478,16 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
     release = image.release
     logs = cfg.cache / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{release.slug}-build.log"
-    say(release.label, f"building the {release.slug} image (log: {log_path})")
+    log_path = logs / ("%s-build.log" % (release.slug,))
+    say(release.label, "building the %s image (log: %s)" % (release.slug, log_path))
     start = time.monotonic()
     packages = release_packages(release, cfg.packages)
-    work = cfg.cache / "tmp" / f"{release.slug}-{os.getpid()}"
+    work = cfg.cache / "tmp" / ("%s-%s" % (release.slug, os.getpid()))
     remove_tree(work)
     work.mkdir(parents=True)
     # The debootstrap target goes to tmpfs when there is room: dpkg's many
     # small writes and fsyncs there cost nothing, and mke2fs -d copies it out.
-    root = scratch_dir(cfg.cache) / f"rsttrace-rig-{release.slug}-{os.getpid()}"
+    root = scratch_dir(cfg.cache) / ("rsttrace-rig-%s-%s" % (release.slug, os.getpid()))
     remove_tree(root)
     debs = cfg.cache / "debs" / release.slug
     debs.mkdir(parents=True, exist_ok=True)
@@ -498,7 +498,7 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
                 "debootstrap",
                 "--variant=minbase",
                 "--components=main",
-                f"--cache-dir={debs.resolve()}",
+                "--cache-dir=%s" % debs.resolve(),
                 "--include=" + ",".join(packages),
                 release.suite,
                 str(root),
@@ -511,17 +511,17 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
             (root / UNSAFE_IO).unlink()
             version, vmlinuz, initrd = kernel_files(root)
             python = guest_python(root)
-            if python != f"python{release.python}":
+            if python != "python%s" % (release.python,):
                 # The wheels' markers were chosen for release.python: sid moved on.
                 raise RigError(
-                    f"{release.suite} has {python}, the rig expects python{release.python}: "
-                    "update RELEASES in rig/riglib.py (and requirements.txt markers)"
+                    "%s has %s, the rig expects python%s: update RELEASES in rig/riglib.py (and requirements.txt "
+                    "markers)" % (release.suite, python, release.python)
                 )
             t0 = time.monotonic()
             wheels = fetch_wheels(cfg, release, python, log)
             for wheel in wheels:
                 made = install_wheel(wheel, root, python)
-                log.write(f"installed {wheel.name} {' '.join(made)}\n")
+                log.write("installed %s %s\n" % (wheel.name, " ".join(made)))
             t_wheels = time.monotonic() - t0
             customize_root(root, GUEST_DIR / "rig-init")
             shutil.copy2(vmlinuz, work / "vmlinuz")
@@ -533,7 +533,7 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
             t_mke2fs = time.monotonic() - t0
         remove_tree(root)
         seconds = time.monotonic() - start
-        meta: dict[str, object] = {
+        meta: Dict[str, object] = {
             "release": release.label,
             "suite": release.suite,
             "key": image.key,
@@ -556,7 +556,7 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
         image.directory.parent.mkdir(parents=True, exist_ok=True)
         os.rename(work, image.directory)
         # Only this slug's images: "trixie-<key>" must not take "trixie-cloud-<key>" along.
-        for old in image.directory.parent.glob(f"{release.slug}-*"):
+        for old in image.directory.parent.glob("%s-*" % (release.slug,)):
             if old != image.directory and re.fullmatch(re.escape(release.slug) + r"-[0-9a-f]{16}", old.name):
                 remove_tree(old)
     except BaseException:
@@ -567,23 +567,23 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
     image.built_seconds = seconds
     say(
         release.label,
-        f"built {version} image in {seconds:.0f} s (debootstrap {t_debootstrap:.0f} s, "
-        f"mke2fs {t_mke2fs:.0f} s, {meta['image_bytes_used'] // (1 << 20)} MiB used)",  # type: ignore[operator]
+        ".0f"
+        ".0f",  # type: ignore[operator]
     )
 
 
-def fetch_wheels(cfg: BuildConfig, release: Release, python: str, log: IO[str]) -> list[Path]:
+def fetch_wheels(cfg: BuildConfig, release: Release, python: str, log: IO[str]) -> List[Path]:
     """pip download the requirements for the guest's Python, binary only."""
     wanted = release_wheels(release, cfg.wheels)
     if not wanted:
         return []
     version = python[len("python") :]
     # Per image, not per Python: two images of one Python (trixie, its cloud flavor) build at once.
-    dest = cfg.cache / "wheels" / f"{release.slug}-{python}"
+    dest = cfg.cache / "wheels" / ("%s-%s" % (release.slug, python))
     # A fresh directory each build, so a wheel dropped from the list leaves.
     remove_tree(dest)
     dest.mkdir(parents=True)
-    requirements = cfg.cache / "wheels" / f"{release.slug}-requirements.txt"
+    requirements = cfg.cache / "wheels" / ("%s-requirements.txt" % (release.slug,))
     requirements.write_text("".join(w + "\n" for w in wanted))
     cmd = pip_command() + [
         "download",
@@ -604,7 +604,7 @@ def fetch_wheels(cfg: BuildConfig, release: Release, python: str, log: IO[str]) 
     run_logged(cmd, log)
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != len(wanted):
-        raise RigError(f"pip gave {len(wheels)} wheels for {len(wanted)} requirements")
+        raise RigError("pip gave %s wheels for %s requirements" % (len(wheels), len(wanted)))
     return wheels
 
 
@@ -625,13 +625,13 @@ def customize_root(root: Path, stage1: Path) -> None:
 # -------------------------------------------------------------- run inputs ---
 
 
-def project_files(project: Path, untracked: bool) -> list[str]:
+def project_files(project: Path, untracked: bool) -> List[str]:
     cmd = ["git", "-C", str(project), "ls-files", "-z", "--cached"]
     if untracked:
         cmd += ["--others", "--exclude-standard"]
     out = subprocess.run(cmd, capture_output=True, check=False)
     if out.returncode != 0:
-        raise RigError(f"git ls-files failed in {project}: {out.stderr.decode().strip()}")
+        raise RigError("git ls-files failed in %s: %s" % (project, out.stderr.decode().strip()))
     names = sorted({n for n in out.stdout.decode().split("\0") if n})
     # A file deleted in the work tree but not yet in the index is skipped.
     return [n for n in names if os.path.lexists(project / n)]
@@ -641,14 +641,14 @@ def command_script(argv: Sequence[str]) -> str:
     return "exec " + " ".join(shlex.quote(a) for a in argv) + "\n"
 
 
-def env_script(release: Release, extra: dict[str, str]) -> str:
+def env_script(release: Release, extra: Dict[str, str]) -> str:
     env = {
         "RSTTRACE_RIG_KERNEL": release.label,
         "RSTTRACE_RIG_SUITE": release.suite,
         "RSTTRACE_RIG_FLAVOR": release.flavor or "generic",
     }
     env.update(extra)
-    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+    return "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in sorted(env.items()))
 
 
 def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
@@ -658,8 +658,8 @@ def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
 
 
 def write_project_tar(
-    dest: Path, project: Path, files: Sequence[str], argv: Sequence[str], attach: Path | None = None
-) -> list[str]:
+    dest: Path, project: Path, files: Sequence[str], argv: Sequence[str], attach: Optional[Path] = None
+) -> List[str]:
     """The part of the input disk that all kernels share: init.sh, cmd.sh and
     project/, and attach/ (a host directory given with --attach: e.g. wheels and
     package lists for a guest that has no network).  Made once per run, so every
@@ -673,7 +673,7 @@ def write_project_tar(
         _add_bytes(tf, "cmd.sh", command_script(argv).encode(), 0o755)
         for name in files:
             try:
-                info = tf.gettarinfo(str(project / name), arcname=f"project/{name}")
+                info = tf.gettarinfo(str(project / name), arcname="project/%s" % (name,))
                 info.uid = info.gid = 0
                 info.uname = info.gname = "root"
                 if info.isreg():
@@ -704,13 +704,13 @@ def write_input_tar(dest: Path, project_tar: Path, env_sh: str) -> None:
         padded.truncate((size + 511) // 512 * 512)
 
 
-def extract_result(disk: Path, dest: Path) -> int | None:
+def extract_result(disk: Path, dest: Path) -> Optional[int]:
     """Read the tar the guest wrote on the raw result disk; return its status.
 
     The guest is trusted no more than needed: only regular files and
     directories with relative paths inside dest are written.
     """
-    status: int | None = None
+    status: Optional[int] = None
     try:
         with tarfile.open(disk, "r:") as tf:
             for member in tf:
@@ -750,7 +750,7 @@ class BootConfig:
     cpu: str = ""  # "" = host under kvm, max under tcg
 
 
-def qemu_command(image: Image, boot: BootConfig, input_tar: Path, result_disk: Path) -> list[str]:
+def qemu_command(image: Image, boot: BootConfig, input_tar: Path, result_disk: Path) -> List[str]:
     append = (
         "root=/dev/vda rw rootfstype=ext4 console=ttyS0,115200 init=/rig-init panic=-1 quiet loglevel=4 net.ifnames=0"
     )
@@ -774,11 +774,11 @@ def qemu_command(image: Image, boot: BootConfig, input_tar: Path, result_disk: P
         # snapshot=on: the guest's writes go to a throw-away overlay, so the
         # cached image stays pristine and several boots can share it.
         "-drive",
-        f"file={image.root_img},format=raw,if=virtio,snapshot=on",
+        "file=%s,format=raw,if=virtio,snapshot=on" % (image.root_img,),
         "-drive",
-        f"file={input_tar},format=raw,if=virtio,readonly=on",
+        "file=%s,format=raw,if=virtio,readonly=on" % (input_tar,),
         "-drive",
-        f"file={result_disk},format=raw,if=virtio",
+        "file=%s,format=raw,if=virtio" % (result_disk,),
         "-nic",
         "none",
         "-display",
@@ -795,10 +795,10 @@ def qemu_command(image: Image, boot: BootConfig, input_tar: Path, result_disk: P
 class Outcome:
     release: Release
     image: Image
-    status: int | None = None
-    boot_seconds: float | None = None
+    status: Optional[int] = None
+    boot_seconds: Optional[float] = None
     note: str = ""
-    out_dir: Path | None = None
+    out_dir: Optional[Path] = None
 
 
 def boot_and_run(
@@ -813,7 +813,7 @@ def boot_and_run(
     remove_tree(out_dir)
     out_dir.mkdir(parents=True)
     outcome.out_dir = out_dir
-    scratch = Path(tempfile.mkdtemp(prefix=f"rig-{release.suite}-", dir=str(out_root)))
+    scratch = Path(tempfile.mkdtemp(prefix="rig-%s-" % (release.suite,), dir=str(out_root)))
     try:
         input_tar = scratch / "input.tar"
         extra = {"RSTTRACE_RIG_GUEST_KERNEL": str(image.meta.get("kernel", ""))}
@@ -834,17 +834,17 @@ def boot_and_run(
             outcome.note = note or "the guest reported no status"
             say(
                 release.label,
-                f"no status from the guest ({outcome.note}); last console lines:",
+                "no status from the guest (%s); last console lines:" % (outcome.note,),
             )
             tail = log_path.read_text(errors="replace").splitlines()[-40:]
             say(release.label, "\n".join("  | " + t for t in tail))
-        (out_dir / "status").write_text(f"{outcome.status if outcome.status is not None else 'none'}\n")
+        (out_dir / "status").write_text("%s\n" % (outcome.status if outcome.status is not None else "none",))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return outcome
 
 
-def split_marker(line: str) -> tuple[str, str | None]:
+def split_marker(line: str) -> Tuple[str, Optional[str]]:
     """(console text before the rig's marker, the marker's message or None).
 
     The marker is looked for anywhere in the line: a command whose output
@@ -855,11 +855,12 @@ def split_marker(line: str) -> tuple[str, str | None]:
     return line[:idx], line[idx + len(MARK) :].strip()
 
 
-def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: Path) -> tuple[int | None, float, str]:
+def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: Path
+              ) -> Tuple[Optional[int], float, str]:
     """Run qemu, stream the console, return (status line, seconds, note)."""
     start = time.monotonic()
-    status: int | None = None
-    result_at: float | None = None
+    status: Optional[int] = None
+    result_at: Optional[float] = None
     timed_out = threading.Event()
     with open(log_path, "w") as log:
         log.write("+ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
@@ -890,7 +891,7 @@ def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: 
                     continue
                 if msg.startswith("begin"):
                     in_command = True
-                    say(release.label, f"booted in {time.monotonic() - start:.1f} s: {msg[5:].strip()}")
+                    say(release.label, ".1f")
                     continue
                 m = re.fullmatch(r"status (\d+)", msg)
                 if m:
@@ -906,9 +907,9 @@ def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: 
                 proc.kill()
                 proc.wait()
     elapsed = (result_at or time.monotonic()) - start
-    note = f"timed out after {boot.timeout:.0f} s" if timed_out.is_set() and status is None else ""
+    note = ".0f" if timed_out.is_set() and status is None else ""
     if not note and status is None and proc.returncode not in (0, None):
-        note = f"qemu exited with status {proc.returncode}"
+        note = "qemu exited with status %s" % (proc.returncode,)
     return status, elapsed, note
 
 
@@ -932,7 +933,7 @@ def kvm_usable(image: Image, cache: Path) -> bool:
         ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[:1]
     probe_key = hashlib.sha256((os.uname().release + "\0" + "".join(qemu_version)).encode()).hexdigest()[:16]
-    probe_file = cache / f"kvm-probe-{probe_key}.json"
+    probe_file = cache / ("kvm-probe-%s.json" % (probe_key,))
     try:
         return bool(json.loads(probe_file.read_text())["kvm"])
     except (OSError, ValueError, KeyError):
@@ -1041,8 +1042,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def select_releases(specs: Sequence[str]) -> list[Release]:
-    labels: list[str] = []
+def select_releases(specs: Sequence[str]) -> List[Release]:
+    labels: List[str] = []
     for spec in specs or ["all"]:
         for item in spec.split(","):
             item = item.strip()
@@ -1055,7 +1056,7 @@ def select_releases(specs: Sequence[str]) -> list[Release]:
                 match = [r for r in RELEASES if not r.flavor and item == r.suite or item in r.aliases]
                 if not match:
                     known = ", ".join(r.label for r in RELEASES)
-                    raise RigError(f"unknown kernel {item!r}: use {known} or all")
+                    raise RigError("unknown kernel %r: use %s or all" % (item, known))
                 labels.append(match[0].label)
     return [BY_LABEL[label] for label in dict.fromkeys(labels)]
 
@@ -1067,14 +1068,14 @@ def require_tools(names: Iterable[str]) -> None:
 
 
 def human_bytes(n: object) -> str:
-    return f"{int(n) / (1 << 30):.2f} GiB" if isinstance(n, int) else "?"
+    return "%.2f GiB" % int(n) / (1 << 30) if isinstance(n, int) else "?"
 
 
 def main(argv: Sequence[str]) -> int:
     try:
         return _main(parse_args(argv))
     except (RigError, OSError, subprocess.CalledProcessError) as e:
-        print(f"rig: {e}", file=sys.stderr)
+        print("rig: %s" % (e,), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -1101,8 +1102,8 @@ def _main(args: argparse.Namespace) -> int:
 
     # Builds run in parallel: debootstrap mostly waits on the network and on
     # dpkg's fsyncs, so three at once finish sooner than one after another.
-    images: dict[str, Image] = {}
-    errors: dict[str, BaseException] = {}
+    images: Dict[str, Image] = {}
+    errors: Dict[str, BaseException] = {}
 
     def build(r: Release) -> None:
         try:
@@ -1116,8 +1117,8 @@ def _main(args: argparse.Namespace) -> int:
     for t in threads:
         t.join()
     for label, err in errors.items():
-        say(label, f"image build failed: {err}", sys.stderr)
-        log = cache / "logs" / f"{BY_LABEL[label].slug}-build.log"
+        say(label, "image build failed: %s" % (err,), sys.stderr)
+        log = cache / "logs" / ("%s-build.log" % (BY_LABEL[label].slug,))
         if log.exists():
             tail = log.read_text(errors="replace").splitlines()[-25:]
             say(label, "\n".join("  | " + t for t in tail), sys.stderr)
@@ -1126,8 +1127,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.build_only:
         for r in releases:
             im = images[r.label]
-            how = "cached" if im.built_seconds is None else f"built in {im.built_seconds:.0f} s"
-            say(r.label, f"{im.meta.get('kernel')} image {how}: {im.directory}")
+            how = "cached" if im.built_seconds is None else ".0f"
+            say(r.label, "%s image %s: %s" % (im.meta.get("kernel"), how, im.directory))
         return 0
 
     require_tools(["qemu-system-x86_64", "git"])
@@ -1145,11 +1146,12 @@ def _main(args: argparse.Namespace) -> int:
         project_tar = scratch / "project.tar"
         attach = Path(args.attach).resolve() if args.attach else None
         if attach is not None and not attach.is_dir():
-            raise RigError(f"--attach {args.attach}: not a directory")
+            raise RigError("--attach %s: not a directory" % (args.attach,))
         vanished = write_project_tar(project_tar, project, files, args.command, attach)
         if vanished:
-            say("rig", f"skipped {len(vanished)} files deleted while copying: {' '.join(vanished[:5])}")
-        say("rig", f"{len(files) - len(vanished)} project files from {project}; accel {accel}; results in {out_root}")
+            say("rig", "skipped %s files deleted while copying: %s" % (len(vanished), " ".join(vanished[:5])))
+        say("rig", "%s project files from %s; accel %s; results in %s"
+            % (len(files) - len(vanished), project, accel, out_root))
         outcomes = boot_all(releases, images, boot, project_tar, out_root, args.jobs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -1159,15 +1161,15 @@ def _main(args: argparse.Namespace) -> int:
 
 def boot_all(
     releases: Sequence[Release],
-    images: dict[str, Image],
+    images: Dict[str, Image],
     boot: BootConfig,
     project_tar: Path,
     out_root: Path,
     jobs: int,
-) -> dict[str, Outcome]:
+) -> Dict[str, Outcome]:
     """Boot each release, `jobs` at a time (default one: under TCG on two
     cores, concurrent guests mostly slow each other down)."""
-    outcomes: dict[str, Outcome] = {}
+    outcomes: Dict[str, Outcome] = {}
     pending = list(releases)
     pending_lock = threading.Lock()
 
@@ -1180,8 +1182,8 @@ def boot_all(
             try:
                 outcomes[r.label] = boot_and_run(images[r.label], boot, project_tar, out_root)
             except Exception as e:  # noqa: BLE001 - one kernel's failure must not hide the others
-                outcomes[r.label] = Outcome(r, images[r.label], note=f"rig error: {e}")
-                say(r.label, f"rig error: {e}", sys.stderr)
+                outcomes[r.label] = Outcome(r, images[r.label], note="rig error: %s" % (e,))
+                say(r.label, "rig error: %s" % (e,), sys.stderr)
 
     workers = [threading.Thread(target=worker) for _ in range(max(1, min(jobs, len(releases))))]
     for t in workers:
@@ -1196,9 +1198,9 @@ def print_summary(outcomes: Sequence[Outcome], out_root: Path) -> None:
     summary = []
     for o in outcomes:
         im = o.image
-        built = "cached" if im.built_seconds is None else f"built {im.built_seconds:.0f} s"
-        boot_s = f"{o.boot_seconds:.1f} s" if o.boot_seconds is not None else "-"
-        status = str(o.status) if o.status is not None else f"none ({o.note})"
+        built = "cached" if im.built_seconds is None else ".0f"
+        boot_s = "%.1f s" % (o.boot_seconds,) if o.boot_seconds is not None else "-"
+        status = str(o.status) if o.status is not None else "none (%s)" % (o.note,)
         rows.append(
             (
                 o.release.label,

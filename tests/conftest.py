@@ -1,4 +1,7 @@
-"""Shared pytest set-up: fixture paths, and the `root` marker on every real-kernel test.
+"""Shared pytest set-up: the `root` marker on every real-kernel test.
+
+tests/ is a package (helpers import as tests.real.netlab, tests.testpaths, ...): pytest puts the
+project directory on sys.path, nothing here edits it.
 
 Whether those can run (and that they fail rather than skip under CI) is tests/real/realkernel.py.
 """
@@ -6,15 +9,9 @@ Whether those can run (and that they fail rather than skip under CI) is tests/re
 from __future__ import annotations
 
 import os
-import sys
 from typing import List
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from testpaths import ROOT  # noqa: E402
-
-sys.path.insert(0, os.path.join(ROOT, "tests", "real"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

@@ -1,4 +1,4 @@
-"""Paths the tests share (a plain module: `conftest` names two files, so it is not importable)."""
+"""Paths the tests share."""
 
 import os
 

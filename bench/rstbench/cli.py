@@ -46,7 +46,15 @@ from .system import (
     owned_bpf,
     prog_stats,
 )
-from .tools import Config, Running, configurations, has_all_events, has_raw_flag, pick_bpftrace_program
+from .tools import (
+    Config,
+    Running,
+    configurations,
+    has_all_events,
+    has_raw_flag,
+    has_write_flag,
+    pick_bpftrace_program,
+)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 REPO = os.path.dirname(HERE)
@@ -119,7 +127,8 @@ class Bench:
         self.storm_exe = compile_storm(str(self.tools["cc"]), os.path.join(HERE, "storm.c"), self.out_dir)
         self.procs = params.procs or (os.cpu_count() or 1)
         self.all_events = has_all_events(self.rsttrace)
-        self.configs = {c.key: c for c in configurations(self.all_events, has_raw_flag(self.rsttrace))}
+        self.configs = {c.key: c for c in configurations(self.all_events, has_raw_flag(self.rsttrace),
+                                                         has_write_flag(self.rsttrace))}
         self.bpftrace: Dict[str, str] = {}
         self.ns = Netns()
         self.results: Dict[str, Any] = {
@@ -257,6 +266,8 @@ class Bench:
             rep = running.finish()
         if "python" in self.results:
             self.results["python"]["stopped"] = asdict(rep)
+        if "python" not in skip and "trace_w" in self.configs:
+            self.results["python_w"] = self.python_one("trace_w")
         if "kernel" in skip:
             return
         for key in self.p.kernel_configs:
@@ -268,6 +279,23 @@ class Bench:
             finally:
                 running.finish()
         self.results["kernel"] = kernel
+
+    def python_one(self, key: str) -> Dict[str, Any]:
+        """The no-loss sweep and the saturated storm for another every-event configuration
+        (trace -w beside trace --json)."""
+        running, ready = self.start(self.configs[key])
+        assert running.pid is not None
+        mid = self.stats_map(running.pid)
+        py: Dict[str, Any] = {"config": key, "sweep": [], "max_lossless_events_per_s": 0.0, "ready_s": ready}
+        try:
+            if mid is None:
+                self.log("no bpftool or no stats map: the no-loss sweep needs both")
+            else:
+                py["sweep"], py["max_lossless_events_per_s"] = self.sweep(running, mid)
+            py["saturated"] = self.saturate(running, mid)
+        finally:
+            py["stopped"] = asdict(running.finish())
+        return py
 
     def sweep(self, running: Running, mid: int) -> Tuple[List[Dict[str, Any]], float]:
         """The highest event rate rsttrace takes with no loss: step the rate up by 1.4x (or down

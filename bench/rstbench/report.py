@@ -194,9 +194,15 @@ def _sections(results: Dict[str, Any], md: bool) -> List[str]:
 
 def details(results: Dict[str, Any]) -> List[str]:
     lines = []
-    py = results.get("python") or {}
+    for key, what in (("python", "trace --json"), ("python_w", "trace -w pcapng")):
+        lines += _python_lines(results.get(key) or {}, what)
+    return lines + _kernel_memory_lines(results)
+
+
+def _python_lines(py: Dict[str, Any], what: str) -> List[str]:
+    lines: List[str] = []
     if py:
-        lines.append("python side, every event, one storm process (the other core is rsttrace's):")
+        lines.append("python side, %s, every event, one storm process (the other core is rsttrace's):" % what)
         lines.append("  highest rate with no loss: %s events/s (sweep: %s)" % (
             _si(py.get("max_lossless_events_per_s", 0)),
             ", ".join("%s%s" % (_si(s["achieved"]), "" if not s["lost"] else " lost %s" % _si(s["lost"]))
@@ -217,6 +223,11 @@ def details(results: Dict[str, Any]) -> List[str]:
                     lines.append("    %5.1f%% %5.2f us  %s" % (pct, us * pct / 100, name))
             elif prof.get("error"):
                 lines.append("  profile: %s" % prof["error"])
+    return lines
+
+
+def _kernel_memory_lines(results: Dict[str, Any]) -> List[str]:
+    lines: List[str] = []
     for k in results.get("kernel", []):
         if k.get("error"):
             lines.append("in-kernel cost, %s: %s" % (k["config"], k["error"]))
@@ -242,7 +253,7 @@ def details(results: Dict[str, Any]) -> List[str]:
             lines.append("  of which heap (RssAnon) %.0f -> %.0f MiB, mapped files (RssFile: libbcc/LLVM, Python) "
                          "%.0f -> %.0f MiB" % (anon[0] / 1024, anon[-1] / 1024, files[0] / 1024, files[-1] / 1024))
     ready = [r["ready_s"] for r in results.get("rounds", []) if r["ready_s"] is not None
-             and r["config"] in ("counters", "trace", "trace_all", "export")]
+             and r["config"] in ("counters", "trace", "trace_all", "trace_w", "export")]
     if ready:
         lines.append("rsttrace start to attached (process start to its 'ready' line), %d starts: median %.2f s, "
                      "max %.2f s" % (len(ready), statistics.median(ready), max(ready)))
@@ -270,6 +281,7 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, Optional[bool], str]]:
 
     ratio_target("counters only >= 0.97 (closed storm, median)", counters, 0.97)
     ratio_target("default event mode >= 0.93 (closed storm, median)", trace, 0.93)
+    ratio_target("trace --json --all-events >= 0.80 (closed storm, median)", _row(results, mode, "trace_all"), 0.80)
     for r in (counters, trace):
         if r is None or r.median is None or not others:
             continue
@@ -285,8 +297,18 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, Optional[bool], str]]:
     if py:
         best = py.get("max_lossless_events_per_s", 0)
         out.append((">= 200k events/s through Python, no loss", best >= 200000, "%s events/s" % _si(best)))
+        out.append((">= 100k events/s, trace --json, no loss", best >= 100000, "%s events/s" % _si(best)))
+    pyw = results.get("python_w") or {}
+    if pyw:
+        best = pyw.get("max_lossless_events_per_s", 0)
+        out.append((">= 200k events/s, trace -w, no loss", best >= 200000, "%s events/s" % _si(best)))
+    tw, td = _row(results, mode, "trace_w"), _row(results, mode, "tcpdump")
+    if tw is not None and td is not None and tw.median is not None and td.median is not None:
+        out.append(("trace -w --all-events >= tcpdump -w (closed storm, median)", tw.median >= td.median,
+                    "%.3f vs %.3f; lost %s, tcpdump dropped %s" % (tw.median, td.median, _si(tw.lost or 0),
+                                                                 _si(td.lost or 0))))
     ready = [r["ready_s"] for r in results.get("rounds", []) if r["ready_s"] is not None
-             and r["config"] in ("counters", "trace", "trace_all", "export")]
+             and r["config"] in ("counters", "trace", "trace_all", "trace_w", "export")]
     if ready:
         out.append(("start to attached <= 2 s", max(ready) <= 2.0,
                     "median %.2f s, max %.2f s" % (statistics.median(ready), max(ready))))

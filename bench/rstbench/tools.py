@@ -33,6 +33,7 @@ BPFTRACE_PROGRAMS = (
     "tracepoint:tcp:tcp_send_reset { @ = count(); }",
 )
 TCPDUMP_FILTER = "tcp[tcpflags] & tcp-rst != 0"
+PCAPNG = "{pcapng}"  # in a configuration's arguments: the file `trace -w` writes (in the bench's out dir)
 
 
 @dataclass
@@ -44,19 +45,24 @@ class Config:
     events: bool = False  # events cross to user space (delivered/lost are reported)
 
 
-def configurations(all_events_flag: bool, raw_flag: bool = False) -> List[Config]:
+def configurations(all_events_flag: bool, raw_flag: bool = False, write_flag: bool = False) -> List[Config]:
     """``raw_flag``: rsttrace has --no-raw-tracepoints; a row then measures the perf tracepoints
-    it would fall back to, against the raw ones it uses, in the same run."""
+    it would fall back to, against the raw ones it uses, in the same run. ``write_flag``: it has
+    `trace -w FILE.pcapng`; a row then measures every event written to a pcapng file, beside
+    tcpdump's pcap."""
     every = ["--all-events"] if all_events_flag else []
     summary = ["summary", "--interval", "3600", "--json"]
     perf = [Config("counters_perf", "rsttrace summary, perf tracepoints", "rsttrace",
                    summary + ["--no-raw-tracepoints"])] if raw_flag else []
+    write = [Config("trace_w", "rsttrace trace -w pcapng, every event", "rsttrace", ["trace", "-w", PCAPNG, *every],
+                    events=True)] if write_flag else []
     return [
         Config("untraced", "untraced", "none"),
         Config("counters", "rsttrace summary (counters only)", "rsttrace", summary),
         *perf,
         Config("trace", "rsttrace trace --json (default)", "rsttrace", ["trace", "--json"], events=True),
         Config("trace_all", "rsttrace trace --json, every event", "rsttrace", ["trace", "--json", *every], events=True),
+        *write,
         Config("export", "rsttrace export, scraped 1/s", "rsttrace", ["export", "--netns-label"], events=True),
         Config("bpftrace", "bpftrace one-liner by reason", "bpftrace"),
         Config("tcpdump", "tcpdump -w pcap, RST filter", "tcpdump"),
@@ -67,6 +73,12 @@ def has_raw_flag(rsttrace: Sequence[str]) -> bool:
     """Whether this rsttrace has `summary --no-raw-tracepoints` (raw tracepoints by default)."""
     p = run(list(rsttrace) + ["summary", "--help"], check=False)
     return "--no-raw-tracepoints" in p.stdout
+
+
+def has_write_flag(rsttrace: Sequence[str]) -> bool:
+    """Whether this rsttrace has `trace -w FILE` (pcapng)."""
+    p = run(list(rsttrace) + ["trace", "--help"], check=False)
+    return "--write" in p.stdout
 
 
 def has_all_events(rsttrace: Sequence[str]) -> bool:
@@ -240,7 +252,9 @@ class Running:
         self.pcap = ""
         self.launch: Optional[Launch] = None
         if cfg.kind == "rsttrace":
-            argv = list(rsttrace) + ["--log-format", "json"] + cfg.args
+            if PCAPNG in cfg.args:
+                self.pcap = os.path.join(out_dir, "rsttrace.pcapng")
+            argv = list(rsttrace) + ["--log-format", "json"] + [self.pcap if a == PCAPNG else a for a in cfg.args]
             if cfg.key.startswith("export") or cfg.args[0] == "export":
                 self.port = free_port()
                 argv += ["--listen", "127.0.0.1:%d" % self.port]
@@ -292,6 +306,12 @@ class Running:
             rep.detail += " exit %s: %s" % (rc, self.launch.output()[-300:])
         if self.cfg.kind == "rsttrace":
             self._rsttrace(rep, final_metrics)
+            if self.pcap:
+                try:
+                    rep.detail += " pcapng %d bytes" % os.path.getsize(self.pcap)
+                    os.unlink(self.pcap)  # as tcpdump's: the figures are what matter
+                except OSError:
+                    pass
         elif self.cfg.kind == "bpftrace":
             # "@[1]: 12345" (or "@: 12345") per reason; system-wide, so it includes anyone's resets.
             counts = [int(m.group(1)) for m in (re.match(r"^@(?:\[.*\])?: (\d+)$", ln) for ln in self.launch.stdout)

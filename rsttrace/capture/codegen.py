@@ -8,9 +8,10 @@ from typing import Dict, List, Optional
 from rsttrace.kernel.facts import KernelFacts
 from rsttrace.kernel.tracefs import EventFormat, Field
 
-BPF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BPF_DIR = os.path.join(_PACKAGE, "bpf")  # installed: bpf/ is packaged as rsttrace.bpf
 if not os.path.isdir(BPF_DIR):  # running from a source tree: bpf/ sits beside the package
-    BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+    BPF_DIR = os.path.join(os.path.dirname(_PACKAGE), "bpf")
 
 # Tracepoint -> the struct name the programs use for its record.
 TP_STRUCTS = {

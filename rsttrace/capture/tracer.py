@@ -8,23 +8,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from rsttrace.capture import codegen
 from rsttrace.capture import contract as c
-from rsttrace.capture.bccload import BccMissing, bcc_version, captured_output, import_bcc, kernel_headers
+from rsttrace.capture.bccload import BccMissing, bcc_version, captured_output, import_bcc
+from rsttrace.capture.counters import CounterMaps, CounterTuple, stats
+from rsttrace.capture.headers import kernel_headers
+from rsttrace.capture.topmap import TopTuple, read_top, top_macros
 from rsttrace.kernel import hooks
 from rsttrace.kernel.facts import KernelFacts
 from rsttrace.kernel.tracefs import ensure_tracefs
-
-# (kind, reason raw or None, state raw, family raw, netns, port, flags) -> count
-CounterTuple = Tuple[int, Optional[int], int, int, int, int, int]
-# (kind, reason raw or None, state raw, family raw, netns, port, laddr, raddr, pid, flags, comm, port_remote):
-# a top row
-TopTuple = Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes, bool]
-
-
-TOP_NETNS_MAX = 64  # namespaces a top filter tests in the kernel (a compare each); more: user space only
 
 
 class TracerError(Exception):
@@ -70,10 +64,7 @@ class Tracer:
     _callback: Optional[Callable[[bytes], None]] = None
     # Scrapes read the maps from HTTP threads while the main thread may be closing them.
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    # inode -> {namespace generation: the read it was first seen in} (see _newest_generations)
-    _gen_order: Dict[int, Dict[int, int]] = field(default_factory=dict)
-    _reads: int = 0
-    live_generations: Dict[int, int] = field(default_factory=dict)  # see retire()
+    counter_maps: CounterMaps = field(default_factory=CounterMaps)
 
     def __post_init__(self) -> None:
         self.ringbuf = self.facts.ringbuf and not self.options.force_perf
@@ -96,16 +87,7 @@ class Tracer:
         if not self.ringbuf:
             m["RSTTRACE_RINGBUF"] = None  # codegen drops None macros
         if self.options.top_entries is not None:
-            m["RSTTRACE_TOP"] = "1"
-            m["RSTTRACE_TOP_ENTRIES"] = str(self.options.top_entries)
-            syn_sent = next((v for v, n in self.facts.tcp_states.items() if n == "TCP_SYN_SENT"), None)
-            m["RSTTRACE_TOP_SYN_SENT"] = str(syn_sent if syn_sent is not None else 0xFFFF)  # never a u8 state
-            eph = _ephemeral_ports()
-            if eph is not None:
-                m["RSTTRACE_EPH_LO"], m["RSTTRACE_EPH_HI"] = str(eph[0]), str(eph[1])
-            if self.options.top_netns and len(self.options.top_netns) <= TOP_NETNS_MAX:
-                tests = ("(n) == %uU" % i for i in sorted(self.options.top_netns))
-                m["RSTTRACE_TOP_NETNS(n)"] = "(%s)" % " || ".join(tests)
+            m.update(top_macros(self.facts, self.options.top_entries, self.options.top_netns))
         return m
 
     def macros(self) -> Dict[str, str]:
@@ -252,142 +234,30 @@ class Tracer:
         """Exact in-kernel counts, summed over CPUs. Spilled counts (map full) appear with
         netns 0 and reason None."""
         with self._lock:
-            return self._counters()
-
-    def _counters(self) -> Dict[CounterTuple, int]:
-        out: Dict[CounterTuple, int] = {}
-        if self.bpf is None:
-            return out
-        items = [(k, sum(int(x) for x in v)) for k, v in self.bpf[b"counters"].items()]
-        newest = self._newest_generations(k for k, _n in items)
-        for k, total in items:
-            reason = None if k.reason == c.REASON_NONE else int(k.reason)
-            # An older generation of an inode is a namespace that is gone (its inode went to a
-            # newer one): netns 0 until retire() folds it away.
-            netns = int(k.netns) if int(k.netns_gen) == newest.get(int(k.netns), int(k.netns_gen)) else 0
-            key: CounterTuple = (
-                int(k.kind), reason, int(k.state), int(k.family), netns, int(k.port), int(k.flags)
-            )
-            out[key] = out.get(key, 0) + total
-        for k, v in self.bpf[b"counters_spill"].items():
-            total = sum(int(x) for x in v)
-            if total:
-                key = (int(k.value), None, 0, 0, 0, 0, 0)
-                out[key] = out.get(key, 0) + total
-        return out
-
-    def top_counts(self) -> Tuple[Dict[TopTuple, int], Dict[int, int]]:
-        """`rsttrace top`'s map, summed over CPUs: (rows by key, counts by kind that found it full).
-        Empty without ``TraceOptions.top_entries``."""
-        rows: Dict[TopTuple, int] = {}
-        spill: Dict[int, int] = {}
-        with self._lock:
-            if self.bpf is None or self.options.top_entries is None:
-                return rows, spill
-            for k, v in self.bpf[b"top_counts"].items():
-                family = int(k.family)
-                alen = 4 if family == c.AF_INET else 16 if family == c.AF_INET6 else 0
-                key: TopTuple = (int(k.kind), None if k.reason == c.REASON_NONE else int(k.reason), int(k.state),
-                                 family, int(k.netns), int(k.port), bytes(k.laddr)[:alen], bytes(k.raddr)[:alen],
-                                 int(k.pid), int(k.flags), bytes(k.comm).split(b"\0", 1)[0], bool(k.port_remote))
-                rows[key] = rows.get(key, 0) + sum(int(x) for x in v)
-            for k, v in self.bpf[b"top_spill"].items():
-                total = sum(int(x) for x in v)
-                if total:
-                    spill[int(k.value)] = total
-        return rows, spill
-
-    def _newest_generations(self, keys: Iterable[Any]) -> Dict[int, int]:
-        """inode -> the newest namespace generation counted under it (under self._lock).
-
-        Generations are unique but not ordered (the kernel hands ns_id and net_cookie out in
-        per-CPU batches: seen here, two CPUs' ranges interleave), and an inode is only reused
-        once its namespace is freed: so the generation first seen last is the live one. Two new
-        generations of one inode within one read are ordered by value, a guess.
-        """
-        self._reads += 1
-        newest: Dict[int, Tuple[int, int]] = {}
-        for k in keys:
-            ino, gen = int(k.netns), int(k.netns_gen)
-            order = self._gen_order.setdefault(ino, {})
-            seen = order.setdefault(gen, self._reads)
-            if (seen, gen) > newest.get(ino, (-1, -1)):
-                newest[ino] = (seen, gen)
-        for ino in [i for i, o in self._gen_order.items() if not o]:
-            del self._gen_order[ino]
-        out = {ino: gen for ino, (_seen, gen) in newest.items()}
-        # where the live namespace's own id is known (read by the poller) and counted, it decides
-        out.update((ino, gen) for ino, gen in self.live_generations.items() if gen in self._gen_order.get(ino, ()))
-        return out
+            return self.counter_maps.read(self.bpf)
 
     def retire(self, dead: Set[int], live_ids: Dict[int, int], unknown: Set[int], seen_by: int
                ) -> Dict[CounterTuple, int]:
-        """Delete, in one pass over the counter map, the counters of namespaces that are gone and
-        return what they held, so a caller can keep totals monotonic:
-
-        - every key of an inode in ``dead`` (no namespace has it now);
-        - every generation of an inode in ``live_ids`` but the live namespace's own (its id,
-          read by the poller: KernelFacts.netns_gen says which);
-        - for inodes in ``unknown`` (alive, own id not known: no setns), every generation but
-          the newest that was already seen by read ``seen_by`` (a predecessor's).
-        """
-        out: Dict[CounterTuple, int] = {}
+        """Delete the counters of namespaces that are gone; what they held (CounterMaps.retire)."""
         with self._lock:
-            self.live_generations = dict(live_ids)
-            if self.bpf is None:
-                return out
-            table = self.bpf[b"counters"]
-            keys = list(table.keys())
-            newest = self._newest_generations(keys) if unknown else {}
-            for k in keys:
-                ino, gen = int(k.netns), int(k.netns_gen)
-                if ino in dead:
-                    pass
-                elif ino in live_ids:
-                    if not gen or gen == live_ids[ino]:
-                        continue
-                elif ino not in unknown or gen == newest.get(ino) or self._gen_order.get(ino, {}).get(
-                        gen, seen_by + 1) > seen_by:
-                    continue
-                self._take(table, k, out)
-        return out
-
-    def _take(self, table: Any, k: Any, out: Dict[CounterTuple, int]) -> None:
-        """Delete one counter key, adding what it held to ``out`` (under self._lock)."""
-        reason = None if k.reason == c.REASON_NONE else int(k.reason)
-        key: CounterTuple = (int(k.kind), reason, int(k.state), int(k.family), int(k.netns), int(k.port),
-                             int(k.flags))
-        try:
-            # read again right before the delete: a count made since items() is kept
-            total = sum(int(x) for x in table[k])
-            del table[k]
-        except KeyError:
-            return
-        self._gen_order.get(int(k.netns), {}).pop(int(k.netns_gen), None)
-        out[key] = out.get(key, 0) + total
+            return self.counter_maps.retire(self.bpf, dead, live_ids, unknown, seen_by)
 
     @property
     def reads(self) -> int:
         """How many times the counters were read: generations are ordered by it."""
-        return self._reads
+        return self.counter_maps.reads
+
+    def top_counts(self) -> Tuple[Dict[TopTuple, int], Dict[int, int]]:
+        """`rsttrace top`'s map, summed over CPUs: (rows by key, counts by kind that found it full).
+        Empty without ``TraceOptions.top_entries``."""
+        with self._lock:
+            if self.options.top_entries is None:
+                return {}, {}
+            return read_top(self.bpf)
 
     def stats(self) -> Dict[str, int]:
-        # lost_user: events dropped after reaching user space. No stage drops any today (the
-        # callback hands each event on synchronously); the key stays for the contract.
-        s = {"events": 0, "lost_kernel": 0, "counter_map_full": 0, "lost_user": 0, "suppressed": 0}
         with self._lock:
-            return self._stats(s)
-
-    def _stats(self, s: Dict[str, int]) -> Dict[str, int]:
-        if self.bpf is None:
-            return s
-        names = {c.STAT_EVENTS: "events", c.STAT_BUFFER_FULL: "lost_kernel", c.STAT_COUNTER_FULL: "counter_map_full",
-                 c.STAT_SUPPRESSED: "suppressed"}
-        for k, v in self.bpf[b"stats"].items():
-            name = names.get(int(k.value))
-            if name:
-                s[name] = sum(int(x) for x in v)
-        return s
+            return stats(self.bpf)
 
     def close(self) -> None:
         """Detach and unload everything (bcc's cleanup closes every program and map fd)."""
@@ -397,16 +267,6 @@ class Tracer:
                     self.bpf.cleanup()
                 finally:
                     self.bpf = None
-
-
-def _ephemeral_ports() -> Optional[Tuple[int, int]]:
-    """This namespace's ip_local_port_range (pods keep the default unless they set their own)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            lo, hi = (int(x) for x in f.read().split())
-    except (OSError, ValueError):
-        return None
-    return (lo, hi) if 0 < lo <= hi <= 65535 else None
 
 
 MADV_PAGEOUT = 21  # include/uapi/asm-generic/mman-common.h (5.4+); older kernels answer EINVAL

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from rsttrace.capture.bccload import BccMissing, CacheError, bcc_version, import_bcc, kernel_headers
+from rsttrace.capture.bccload import BccMissing, bcc_version, import_bcc
+from rsttrace.capture.headers import CacheError, kernel_headers
 from rsttrace.kernel import hooks
-from rsttrace.kernel.facts import RAW_ROLES, KernelFacts, gather
+from rsttrace.kernel.facts import RAW_ROLES, KernelFacts
+from rsttrace.kernel.read import gather
 from rsttrace.kernel.tracefs import TracefsError, ensure_tracefs, find_tracefs, unreadable_tracefs
 
 CAP_SYS_ADMIN = 21
@@ -178,3 +182,18 @@ def render(checks: List[Check]) -> str:
             lines.append("       %-28s fix: %s" % ("", c.fix))
     lines.append("tracing can work" if ok(checks) else "tracing cannot work until the FAIL lines are fixed")
     return "\n".join(lines)
+
+
+def add_parser(sub: Any) -> None:
+    d = sub.add_parser("doctor", help="what this node has and lacks for tracing, with fixes")
+    d.add_argument("--no-load", action="store_true", help="skip compiling and attaching the programs")
+    d.add_argument("--json", action="store_true", help="as a JSON array")
+
+
+def cmd_doctor(args: Any) -> int:
+    checks = run(load=not args.no_load)
+    if args.json:
+        sys.stdout.write(json.dumps([c.as_dict() for c in checks], indent=1) + "\n")
+    else:
+        sys.stdout.write(render(checks) + "\n")
+    return 0 if ok(checks) else 1

@@ -15,10 +15,10 @@ from rsttrace.enrich.enricher import Enricher, PodInfo
 
 
 def _describe(info: PodInfo) -> str:
-    pod = f"{info.namespace}/{info.pod}" if info.pod else f"pod-uid:{info.pod_uid}"
+    pod = "%s/%s" % (info.namespace, info.pod) if info.pod else "pod-uid:%s" % (info.pod_uid,)
     container = info.container or "?"
     cid = info.container_id[:12] or "-"
-    return f"{pod} container={container} id={cid}"
+    return "%s container=%s id=%s" % (pod, container, cid)
 
 
 def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
@@ -36,9 +36,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> int:
     )
     enr.refresh()
     for inode, info in sorted(enr.netns_entries().items()):
-        print(f"netns {inode} {_describe(info)}", file=out)
+        print("netns %s %s" % (inode, _describe(info)), file=out)
     for cgid, info in sorted(enr.cgroup_entries().items()):
-        print(f"cgroup {cgid} {_describe(info)}", file=out)
+        print("cgroup %s %s" % (cgid, _describe(info)), file=out)
     return 0
 
 

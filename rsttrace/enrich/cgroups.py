@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 # Kubernetes pod UIDs are RFC 4122 UUIDs; static (mirror) pods instead get a
 # 32-hex-digit hash of their manifest as UID.  The systemd form uses "_".
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
 
 # cgroupfs driver: the component is exactly "pod<uid>".
-_POD_CGROUPFS = re.compile(rf"^pod({_UID})$", re.IGNORECASE)
+_POD_CGROUPFS = re.compile("^pod(%s)$" % (_UID,), re.IGNORECASE)
 # systemd driver: the slice name repeats its ancestors, so a pod slice always
 # contains "kubepods"; requiring it keeps unrelated "*-pod<hex>.slice" out.
-_POD_SYSTEMD = re.compile(rf"^[\w-]*kubepods[\w-]*-pod({_UID})\.slice$", re.IGNORECASE)
+_POD_SYSTEMD = re.compile("^[\\w-]*kubepods[\\w-]*-pod(%s)\\.slice$" % (_UID,), re.IGNORECASE)
 
 # Container runtimes name the container's cgroup "<prefix>-<id>.scope" under
 # systemd.  CRI-O's "crio-conmon-<id>.scope" is its monitor process, not a
@@ -62,7 +62,7 @@ class CgroupIdentity(NamedTuple):
 
     pod_uid: str  # "" for a container outside any pod (podman, Docker)
     # None for the pod's own cgroup or a non-container child of it.
-    container_id: str | None
+    container_id: Optional[str]
 
 
 def normalize_uid(raw: str) -> str:
@@ -70,17 +70,17 @@ def normalize_uid(raw: str) -> str:
     return raw.replace("_", "-").lower()
 
 
-def _pod_uid_of(component: str) -> str | None:
+def _pod_uid_of(component: str) -> Optional[str]:
     m = _POD_CGROUPFS.match(component) or _POD_SYSTEMD.match(component)
     return normalize_uid(m.group(1)) if m else None
 
 
-def _container_id_of(component: str) -> str | None:
+def _container_id_of(component: str) -> Optional[str]:
     m = _CTR_SYSTEMD.match(component) or _CTR_CGROUPFS.match(component)
     return m.group(1).lower() if m else None
 
 
-def parse_cgroup_path(path: str) -> CgroupIdentity | None:
+def parse_cgroup_path(path: str) -> Optional[CgroupIdentity]:
     """Return ``(pod_uid, container_id)`` for a cgroup path, or None.
 
     None means the path is neither inside a pod nor a podman/Docker container
@@ -125,15 +125,15 @@ def _controller_rank(hierarchy_id: str, controllers: str) -> int:
     return 4
 
 
-def parse_proc_cgroup(text: str) -> CgroupIdentity | None:
+def parse_proc_cgroup(text: str) -> Optional[CgroupIdentity]:
     """Pick the pod identity from the contents of ``/proc/<pid>/cgroup``.
 
     Lines are ``hierarchy-ID:controller-list:path`` (v1) or ``0::path`` (v2);
     hybrid hosts have both.  A line naming a container beats one naming only
     the pod; ties go to the controller order of ``_controller_rank``.
     """
-    best: CgroupIdentity | None = None
-    best_rank: tuple[int, int] = (2, 99)
+    best: Optional[CgroupIdentity] = None
+    best_rank: Tuple[int, int] = (2, 99)
     for line in text.splitlines():
         fields = line.split(":", 2)
         if len(fields) != 3:
@@ -150,7 +150,7 @@ def parse_proc_cgroup(text: str) -> CgroupIdentity | None:
     return best
 
 
-def find_cgroup2_root(cgroup_root: str) -> str | None:
+def find_cgroup2_root(cgroup_root: str) -> Optional[str]:
     """Return the directory where the cgroup v2 hierarchy is mounted, or None.
 
     A v2 mount has ``cgroup.controllers`` at its top.  Pure v2 hosts mount it
@@ -169,7 +169,7 @@ def find_cgroup2_root(cgroup_root: str) -> str | None:
 _MAX_DEPTH = 32
 
 
-def walk_cgroup2(root: str) -> tuple[dict[int, tuple[str, CgroupIdentity]], set[int]]:
+def walk_cgroup2(root: str) -> Tuple[Dict[int, Tuple[str, CgroupIdentity]], Set[int]]:
     """Walk a cgroup v2 tree.
 
     Returns the inode of every pod cgroup directory mapped to its path
@@ -179,13 +179,13 @@ def walk_cgroup2(root: str) -> tuple[dict[int, tuple[str, CgroupIdentity]], set[
     ``stat`` returns as the directory's inode.  Every directory is walked, as
     a pod can sit anywhere under a kubelet ``--cgroup-root``.
     """
-    pods: dict[int, tuple[str, CgroupIdentity]] = {}
-    seen: set[int] = set()
+    pods: Dict[int, Tuple[str, CgroupIdentity]] = {}
+    seen: Set[int] = set()
     try:
         seen.add(os.stat(root).st_ino)
     except OSError:
         return pods, seen
-    stack: list[tuple[str, str, int]] = [(root, "", 0)]
+    stack: List[Tuple[str, str, int]] = [(root, "", 0)]
     while stack:
         path, rel, depth = stack.pop()
         try:
@@ -195,7 +195,7 @@ def walk_cgroup2(root: str) -> tuple[dict[int, tuple[str, CgroupIdentity]], set[
             # Cgroups vanish while we walk (pods being deleted); skip them.
             continue
         for entry in entries:
-            child_rel = f"{rel}/{entry.name}"
+            child_rel = "%s/%s" % (rel, entry.name)
             try:
                 if not entry.is_dir(follow_symlinks=False):
                     continue

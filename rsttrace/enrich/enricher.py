@@ -25,11 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
+from rsttrace import log as rlog
 from rsttrace.enrich.cgroups import CgroupIdentity, find_cgroup2_root, walk_cgroup2
 from rsttrace.enrich.kubelet import ContainerLog, PodDir, scan_containers_dir, scan_pods_dir
 from rsttrace.enrich.procscan import ProcInNetns, scan_proc
-from rsttrace.sinks import log as rlog
 
 # Lower bound between two scans, so lookups of unknown ids (each of which
 # nudges the refresher) cannot make it scan back to back.
@@ -49,35 +50,35 @@ class PodInfo:
 
 @dataclass(frozen=True)
 class _Snapshot:
-    host_netns: int | None = None
-    netns: dict[int, PodInfo] = field(default_factory=dict)
-    cgroups: dict[int, PodInfo] = field(default_factory=dict)
+    host_netns: Optional[int] = None
+    netns: Dict[int, PodInfo] = field(default_factory=dict)
+    cgroups: Dict[int, PodInfo] = field(default_factory=dict)
     # Ids present at the last scan but not in a pod: misses on them are
     # final until something changes, so they do not nudge the refresher.
-    other_netns: frozenset[int] = frozenset()
-    other_cgroups: frozenset[int] = frozenset()
+    other_netns: FrozenSet[int] = frozenset()
+    other_cgroups: FrozenSet[int] = frozenset()
 
 
 @dataclass(frozen=True)
 class _Names:
     """The kubelet log-dir indexes of one scan, with derived lookups."""
 
-    pods: dict[str, PodDir]
-    containers: dict[str, ContainerLog]
+    pods: Dict[str, PodDir]
+    containers: Dict[str, ContainerLog]
     # Pod UID -> its containers-dir entries (to name pods whose pods dir is
     # missing, and to know which pods have their containers listed).
-    logs_by_uid: dict[str, list[ContainerLog]]
+    logs_by_uid: Dict[str, List[ContainerLog]]
 
     @classmethod
     def scan(cls, pods_dir: str, containers_dir: str) -> _Names:
         containers = scan_containers_dir(containers_dir)
-        by_uid: dict[str, list[ContainerLog]] = {}
+        by_uid: Dict[str, List[ContainerLog]] = {}
         for entry in containers.values():
             if entry.pod_uid is not None:
                 by_uid.setdefault(entry.pod_uid, []).append(entry)
         return cls(pods=scan_pods_dir(pods_dir), containers=containers, logs_by_uid=by_uid)
 
-    def pod_names(self, uid: str, cid: str) -> tuple[str, str]:
+    def pod_names(self, uid: str, cid: str) -> Tuple[str, str]:
         pod_dir = self.pods.get(uid)
         if pod_dir is not None:
             return pod_dir.namespace, pod_dir.pod
@@ -88,7 +89,7 @@ class _Names:
             return entry_by_id.namespace, entry_by_id.pod
         return "", ""
 
-    def is_sandbox(self, uid: str, cid: str, comms: set[str]) -> bool:
+    def is_sandbox(self, uid: str, cid: str, comms: Set[str]) -> bool:
         if cid in self.containers:
             return False
         # The kubelet gives every container a log except the sandbox, so an
@@ -106,14 +107,14 @@ class _Names:
         return PodInfo(namespace=ns, pod=pod, container=name, container_id=cid, pod_uid=uid)
 
 
-def _attribute_netns(procs: list[ProcInNetns], names: _Names, sandboxes: set[str]) -> PodInfo | None:
+def _attribute_netns(procs: List[ProcInNetns], names: _Names, sandboxes: Set[str]) -> Optional[PodInfo]:
     uids = {p.identity.pod_uid for p in procs}
     if len(uids) != 1:
         # The kubelet never puts two pods in one netns (hostNetwork pods
         # share the host's, which is excluded earlier); refuse to guess.
         return None
     uid = uids.pop()
-    comms: dict[str, set[str]] = {}
+    comms: Dict[str, Set[str]] = {}
     for p in procs:
         if p.identity.container_id is not None:
             comms.setdefault(p.identity.container_id, set()).add(p.comm)
@@ -130,7 +131,7 @@ def _attribute_netns(procs: list[ProcInNetns], names: _Names, sandboxes: set[str
     return names.info(uid, cid, entry.container if entry else names.sole_container(uid))
 
 
-def _attribute_cgroup(identity: CgroupIdentity, names: _Names, sandboxes: set[str]) -> PodInfo:
+def _attribute_cgroup(identity: CgroupIdentity, names: _Names, sandboxes: Set[str]) -> PodInfo:
     uid, cid = identity
     if cid is None:
         return names.info(uid, "", "")
@@ -175,15 +176,15 @@ class Enricher:
         self._snap = _Snapshot()
         # Serializes refreshes (sync calls vs. the thread); lookups never take it.
         self._refresh_lock = threading.Lock()
-        self._netns_seen: dict[int, tuple[PodInfo, float]] = {}
-        self._cgroup_seen: dict[int, tuple[PodInfo, float]] = {}
+        self._netns_seen: Dict[int, Tuple[PodInfo, float]] = {}
+        self._cgroup_seen: Dict[int, Tuple[PodInfo, float]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: Optional[threading.Thread] = None
 
     # -- lookups ---------------------------------------------------------
 
-    def lookup_netns(self, netns_inode: int) -> PodInfo | None:
+    def lookup_netns(self, netns_inode: int) -> Optional[PodInfo]:
         """The pod owning this netns, or None (host, unknown, not a pod)."""
         snap = self._snap
         if netns_inode == snap.host_netns:
@@ -193,7 +194,7 @@ class Enricher:
             self._wake.set()
         return info
 
-    def lookup_cgroup(self, cgroup_id: int) -> PodInfo | None:
+    def lookup_cgroup(self, cgroup_id: int) -> Optional[PodInfo]:
         """The pod/container owning this cgroup v2 id, or None."""
         snap = self._snap
         info = snap.cgroups.get(cgroup_id)
@@ -201,11 +202,11 @@ class Enricher:
             self._wake.set()
         return info
 
-    def netns_entries(self) -> dict[int, PodInfo]:
+    def netns_entries(self) -> Dict[int, PodInfo]:
         """A copy of the current netns map (for diagnostics)."""
         return dict(self._snap.netns)
 
-    def cgroup_entries(self) -> dict[int, PodInfo]:
+    def cgroup_entries(self) -> Dict[int, PodInfo]:
         """A copy of the current cgroup-id map (for diagnostics)."""
         return dict(self._snap.cgroups)
 
@@ -217,8 +218,8 @@ class Enricher:
             now = self._clock()
             names = _Names.scan(self.pods_dir, self.containers_dir)
             scan = scan_proc(self.proc_root)
-            sandboxes: set[str] = set()
-            fresh_netns: dict[int, PodInfo] = {}
+            sandboxes: Set[str] = set()
+            fresh_netns: Dict[int, PodInfo] = {}
             for inode, procs in scan.pods_by_netns.items():
                 info = _attribute_netns(procs, names, sandboxes)
                 if info is not None:
@@ -243,11 +244,11 @@ class Enricher:
 
     def _merge(
         self,
-        old: dict[int, tuple[PodInfo, float]],
-        fresh: dict[int, PodInfo],
-        drop: set[int],
+        old: Dict[int, Tuple[PodInfo, float]],
+        fresh: Dict[int, PodInfo],
+        drop: Set[int],
         now: float,
-    ) -> dict[int, tuple[PodInfo, float]]:
+    ) -> Dict[int, Tuple[PodInfo, float]]:
         merged = {
             k: (info, seen) for k, (info, seen) in old.items() if k not in drop and now - seen <= self.expire_after
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 _CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
 
@@ -26,7 +27,7 @@ class PodDir:
     uid: str
     # Names of containers that have (or had) a log directory.  The sandbox
     # (pause) container never gets one; init containers that already ran do.
-    containers: frozenset[str]
+    containers: FrozenSet[str]
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,10 @@ class ContainerLog:
     container_id: str
     # From the symlink target (``.../<ns>_<pod>_<uid>/<container>/N.log``);
     # None when the link cannot be read or does not point into a pods dir.
-    pod_uid: str | None
+    pod_uid: Optional[str]
 
 
-def split_pod_dir_name(name: str) -> tuple[str, str, str] | None:
+def split_pod_dir_name(name: str) -> Optional[Tuple[str, str, str]]:
     """``<namespace>_<pod>_<uid>`` -> ``(namespace, pod, uid)``, or None."""
     fields = name.split("_")
     if len(fields) != 3 or not all(fields):
@@ -50,13 +51,13 @@ def split_pod_dir_name(name: str) -> tuple[str, str, str] | None:
     return fields[0], fields[1], fields[2].lower()
 
 
-def scan_pods_dir(pods_dir: str) -> dict[str, PodDir]:
+def scan_pods_dir(pods_dir: str) -> Dict[str, PodDir]:
     """Index the kubelet pods log directory by pod UID.
 
     A missing directory yields an empty index: the node may not mount it
     into the tracer, and attribution then still reports UIDs and ids.
     """
-    out: dict[str, PodDir] = {}
+    out: Dict[str, PodDir] = {}
     try:
         with os.scandir(pods_dir) as it:
             pod_entries = [e for e in it if e.is_dir(follow_symlinks=False)]
@@ -77,7 +78,7 @@ def scan_pods_dir(pods_dir: str) -> dict[str, PodDir]:
     return out
 
 
-def parse_container_log_name(name: str) -> tuple[str, str, str, str] | None:
+def parse_container_log_name(name: str) -> Optional[Tuple[str, str, str, str]]:
     """``<pod>_<ns>_<container>-<id>.log`` -> ``(ns, pod, container, id)``."""
     if not name.endswith(".log"):
         return None
@@ -91,7 +92,7 @@ def parse_container_log_name(name: str) -> tuple[str, str, str, str] | None:
     return ns, pod, container, cid
 
 
-def _uid_from_link_target(target: str) -> str | None:
+def _uid_from_link_target(target: str) -> Optional[str]:
     # .../<ns>_<pod>_<uid>/<container>/<N>.log: the pod dir is two up.
     parts = [p for p in target.split("/") if p]
     if len(parts) < 3:
@@ -100,16 +101,16 @@ def _uid_from_link_target(target: str) -> str | None:
     return fields[2] if fields else None
 
 
-def scan_containers_dir(containers_dir: str) -> dict[str, ContainerLog]:
+def scan_containers_dir(containers_dir: str) -> Dict[str, ContainerLog]:
     """Index ``/var/log/containers`` by container id.
 
     The link target is read, never followed: only its text is needed and
     the pods dir it points into may not be mounted at the same path here.
     """
-    out: dict[str, ContainerLog] = {}
+    out: Dict[str, ContainerLog] = {}
     try:
         with os.scandir(containers_dir) as it:
-            names: list[tuple[str, str]] = [(e.name, e.path) for e in it]
+            names: List[Tuple[str, str]] = [(e.name, e.path) for e in it]
     except OSError:
         return out
     for name, path in names:

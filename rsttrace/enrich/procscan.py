@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
 
 from rsttrace.enrich.cgroups import CgroupIdentity, parse_proc_cgroup
 
 _NETNS_LINK = re.compile(r"^net:\[(\d+)\]$")
 
 
-def parse_netns_link(target: str) -> int | None:
+def parse_netns_link(target: str) -> Optional[int]:
     """``net:[4026531840]`` (the ``/proc/<pid>/ns/net`` link text) -> inode."""
     m = _NETNS_LINK.match(target.strip())
     return int(m.group(1)) if m else None
@@ -34,15 +35,15 @@ class ProcScan:
 
     # Network namespace of pid 1 of the proc root: the host's when the tracer
     # runs with hostPID.  None when pid 1 cannot be read.
-    host_netns: int | None = None
+    host_netns: Optional[int] = None
     # Every netns inode seen, pod or not: lookups of these are misses that a
     # rescan will not turn into hits, so they need not nudge the refresher.
-    all_netns: set[int] = field(default_factory=set)
+    all_netns: Set[int] = field(default_factory=set)
     # Pod processes per non-host netns.
-    pods_by_netns: dict[int, list[ProcInNetns]] = field(default_factory=dict)
+    pods_by_netns: Dict[int, List[ProcInNetns]] = field(default_factory=dict)
 
 
-def _read_text(path: str) -> str | None:
+def _read_text(path: str) -> Optional[str]:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
@@ -51,7 +52,7 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def _netns_of(proc_root: str, pid: str) -> int | None:
+def _netns_of(proc_root: str, pid: str) -> Optional[int]:
     try:
         return parse_netns_link(os.readlink(os.path.join(proc_root, pid, "ns", "net")))
     except OSError:

@@ -273,7 +273,7 @@ class Decoder:
     """Raw records to Events for one kernel's facts and clock, names cached per combination.
 
     The cache assumes ``facts`` is not changed after the first decode (it is filled once, by
-    ``kernel.gather``).
+    ``kernel_read.gather``).
     """
 
     def __init__(self, facts: KernelFacts, clock: Clock) -> None:

@@ -86,3 +86,12 @@ class EventFilter:
             if not any(ip in net for ip in ips for net in self.addrs if ip.version == net.version):
                 return False
         return True
+
+    def match_count(self, kind: str, netns: Optional[int], family: Optional[str]) -> bool:
+        """The same filter on a counter (``summary``): counters have a kind, a namespace and a
+        family, where known (a counter-derived kind has no family: it passes a family filter)."""
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        if self.netns is not None and netns != self.netns:
+            return False
+        return self.family is None or family in (self.family, None)

@@ -2,7 +2,7 @@
 
 **Every name the tracer can print in an event's ``reason`` (``trace``, ``--json``, ``summary``,
 metrics, the event log) must either come from the running kernel's own tables (read by
-``kernel.gather``: ``KernelFacts.rst_reasons``, and the drop reasons in ``KERNEL_DROP_REASONS``)
+``kernel_read.gather``: ``KernelFacts.rst_reasons``, and the drop reasons in ``KERNEL_DROP_REASONS``)
 or be listed in ``OWN_REASONS`` below.** ``rsttrace trace --reason`` accepts exactly those names
 (``valid_reasons``) and refuses any other with the list, so a name missing here is a name users
 cannot filter on. Adding a counter-derived, errno or inferred name: add it to ``OWN_REASONS``.

@@ -27,6 +27,7 @@ tcp_check_req) and tcp_timer.c (keepalive, orphans).  Each line is at most ``MAX
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 MAX_LINE = 110
 KIND_PREFIX = "kind:"
@@ -45,7 +46,7 @@ def _e(cause: str, check: str) -> Explanation:
 
 
 # --- enum sk_rst_reason (tcp:tcp_send_reset, kernel 6.10+) -------------------------------------
-_RST_REASONS: dict[str, Explanation] = {
+_RST_REASONS: Dict[str, Explanation] = {
     "NOT_SPECIFIED": _e(
         "Reset from a call site that passes no reason: every active reset on 6.10-6.11, or an unmapped path",
         "Compare with nstat TcpExtTCPAbortOn* counters; the socket state and process narrow it down",
@@ -153,7 +154,7 @@ _RST_REASONS: dict[str, Explanation] = {
 }
 
 # --- skb_drop_reason names relevant to resets and overflows (skb:kfree_skb) ---------------------
-_DROP_REASONS: dict[str, Explanation] = {
+_DROP_REASONS: Dict[str, Explanation] = {
     "TCP_LISTEN_OVERFLOW": _e(
         "Final handshake ACK dropped: the listener's accept queue was full, so no child socket (6.15+)",
         "App accepts too slowly: ss -ltn Recv-Q vs Send-Q; raise the listen backlog and net.core.somaxconn",
@@ -161,7 +162,7 @@ _DROP_REASONS: dict[str, Explanation] = {
 }
 
 # --- received resets: the errno tcp_reset() gives the socket, from its state ---------------------
-_RECEIVED_ERRORS: dict[str, Explanation] = {
+_RECEIVED_ERRORS: Dict[str, Explanation] = {
     "ECONNREFUSED": _e(
         "RST answered our SYN (SYN_SENT): the remote port is closed or a firewall rejects with tcp-reset",
         "Is the remote service up and listening (ss -ltn on it)? Look for REJECT --reject-with tcp-reset rules",
@@ -177,7 +178,7 @@ _RECEIVED_ERRORS: dict[str, Explanation] = {
 }
 
 # --- the kernel's counters that stand in for untraceable overflows (TcpExt in /proc/net/netstat) ---
-_COUNTERS: dict[str, Explanation] = {
+_COUNTERS: Dict[str, Explanation] = {
     "ListenOverflows": _e(
         "TcpExt ListenOverflows: a SYN or final ACK found a listener's accept queue full (also in ListenDrops)",
         "nstat -az TcpExtListenOverflows; find the listener with ss -ltn, where Recv-Q has reached Send-Q",
@@ -201,7 +202,7 @@ _COUNTERS: dict[str, Explanation] = {
 }
 
 # --- event kinds without a kernel reason ---------------------------------------------------------
-_KINDS: dict[str, Explanation] = {
+_KINDS: Dict[str, Explanation] = {
     KIND_PREFIX + "received": _e(
         "Peer sent us an RST: its port is closed, it aborted, it forgot the connection (reboot), or a middlebox",
         "Group by peer and state: SYN_SENT = refused/closed port, ESTABLISHED = peer abort or half-open conn",
@@ -224,7 +225,7 @@ _KINDS: dict[str, Explanation] = {
     ),
 }
 
-_ALL: dict[str, Explanation] = {**_RST_REASONS, **_DROP_REASONS, **_RECEIVED_ERRORS, **_COUNTERS, **_KINDS}
+_ALL: Dict[str, Explanation] = {**_RST_REASONS, **_DROP_REASONS, **_RECEIVED_ERRORS, **_COUNTERS, **_KINDS}
 
 
 def _normalize(name: str) -> str:
@@ -238,19 +239,19 @@ def _normalize(name: str) -> str:
     return key
 
 
-_BY_KEY: dict[str, Explanation] = {_normalize(key): value for key, value in _ALL.items()}
+_BY_KEY: Dict[str, Explanation] = {_normalize(key): value for key, value in _ALL.items()}
 
 
-def explain(name: str) -> Explanation | None:
+def explain(name: str) -> Optional[Explanation]:
     """Explanation for a reset/drop reason name or a ``kind:...`` event kind; None if unknown."""
     return _BY_KEY.get(_normalize(name))
 
 
-def rst_reason_names() -> tuple[str, ...]:
+def rst_reason_names() -> Tuple[str, ...]:
     """The sk_rst_reason names this module knows (kernel 6.12/6.18 set)."""
     return tuple(_RST_REASONS)
 
 
-def known_names() -> tuple[str, ...]:
+def known_names() -> Tuple[str, ...]:
     """Every key that has an explanation: reset and drop reasons, errnos, counters, ``kind:`` entries."""
     return tuple(_ALL)

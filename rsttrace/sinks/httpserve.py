@@ -19,7 +19,7 @@ reachable by a whole pod network needs, all in the I/O thread:
   accepting pauses for a second instead of spinning; nothing the server meets logs a traceback,
   and an exception in the I/O loop restarts the loop;
 - concurrent identical scrapes share one collection begun after they all arrived
-  (:class:`Coalescer`), so a burst of scrapers costs a few collections, not one each;
+  (:class:`rsttrace.sinks.webapp.Coalescer`), so a burst of scrapers costs a few collections;
 - the listening socket bound by :func:`bind` before anything else starts (the CLI binds before
   bcc's compile), with a backlog of ``BACKLOG`` for a fleet's scrapers, IPv6 in brackets (dual
   stack as the system's ``bindv6only`` says, as before: waitress alone would force v6-only).
@@ -35,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from waitress import wasyncore  # type: ignore[import-untyped]
 from waitress.adjustments import Adjustments  # type: ignore[import-untyped]
@@ -43,7 +43,7 @@ from waitress.channel import HTTPChannel  # type: ignore[import-untyped]
 from waitress.server import TcpWSGIServer  # type: ignore[import-untyped]
 from waitress.task import ThreadedTaskDispatcher  # type: ignore[import-untyped]
 
-from rsttrace.sinks import log
+from rsttrace import log
 from rsttrace.sinks.exporter import DEFAULT_PORT
 
 THREADS = 4  # workers; a scrape takes a few ms and scrapes are serialised by the collector anyway
@@ -110,7 +110,7 @@ class _Once:
         getattr(log.get(), level)(msg, times=times, **kw)
 
 
-_once = _Once()
+log_once = _Once()
 
 
 class _WaitressLog(logging.Handler):
@@ -121,7 +121,8 @@ class _WaitressLog(logging.Handler):
             msg = record.getMessage()
             exc = record.exc_info[1] if record.exc_info else None
             extra = {"error": "%s: %s" % (type(exc).__name__, exc)} if exc is not None else {}
-            _once("waitress:" + str(record.msg)[:60], "warning", "http server: " + msg.splitlines()[0][:200], **extra)
+            log_once("waitress:" + str(record.msg)[:60], "warning", "http server: " + msg.splitlines()[0][:200],
+                     **extra)
         except Exception:  # logging must never raise into the server
             pass
 
@@ -214,7 +215,7 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
                 continue  # a request waiting to be read (a scraper sends at once): not idle
             ch.will_close = True
             closed += 1
-        _once("limit", "warning", "http connection limit reached: closing the idlest connections",
+        log_once("limit", "warning", "http connection limit reached: closing the idlest connections",
               limit=self.max_connections, closed=closed)
 
     def handle_accept(self) -> None:
@@ -228,7 +229,7 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
                     # Out of descriptors (or kernel memory): scrapes are refused for a second, the
                     # tracer keeps what it holds. The connection waits in the backlog meanwhile.
                     self.paused_until = time.monotonic() + 1.0
-                    _once("starved", "warning", "http: cannot accept a connection, refusing scrapes for now; "
+                    log_once("starved", "warning", "http: cannot accept a connection, refusing scrapes for now; "
                           "counting goes on", error=e.strerror or str(e))
                 return
             if v is None:
@@ -243,7 +244,7 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
     def handle_error(self) -> None:
         # wasyncore's default logs a traceback and closes the listening socket: neither here.
         exc = sys.exc_info()[1]
-        _once("error", "warning", "http server error", error="%s: %s" % (type(exc).__name__, exc))
+        log_once("error", "warning", "http server error", error="%s: %s" % (type(exc).__name__, exc))
 
 
 class HttpServer:
@@ -291,12 +292,13 @@ class HttpServer:
                 timeout, srv.wake_soon = (0.02 if full else 1.0), False
                 wasyncore.poll2(timeout, m)
             except Exception as e:  # never let the HTTP side die of one bad moment
-                _once("loop", "warning", "http server loop error, restarting it",
+                log_once("loop", "warning", "http server loop error, restarting it",
                       error="%s: %s" % (type(e).__name__, e))
                 time.sleep(0.5)
 
     def close(self) -> None:
-        srv = self.server
+        """Stop serving and close every connection; a second call does nothing."""
+        srv, self.server = self.server, None
         if srv is None:
             self.sock.close()
             return
@@ -316,113 +318,3 @@ class HttpServer:
 def bind(host: str, port: int) -> HttpServer:
     """Bind and listen now (raises OSError); serve later with :meth:`HttpServer.start`."""
     return HttpServer(host, port)
-
-
-class StartingApp:
-    """The WSGI app: 503 until :meth:`ready` gives it the registry and the health check."""
-
-    def __init__(self) -> None:
-        self.app: Optional[WSGIApp] = None
-
-    def ready(self, registry: Any, healthy: Callable[[], bool]) -> None:
-        self.app = exporter_app(registry, healthy)
-
-    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        app = self.app
-        if app is not None:
-            return app(environ, start_response)
-        start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-        return [b"starting\n"]
-
-
-Answer = Tuple[str, List[Tuple[str, str]], bytes]
-
-
-class Coalescer:
-    """Concurrent scrapes share one collection that began after each of them arrived.
-
-    A burst of scrapers (a fleet, or the 200 at once of the resilience test) costs a few
-    collections instead of one each: the collector reads every BPF counter and /proc file under
-    its own lock anyway, so they would only queue, and the CPU they would take is the tracer's.
-    Freshness is as without it: a scrape never gets an answer collected before it arrived.
-    Only identical requests (query, Accept, Accept-Encoding) share an answer."""
-
-    def __init__(self, produce: Callable[[Dict[str, Any]], Answer]) -> None:
-        self.produce = produce
-        self.cond = threading.Condition()
-        self.started: Dict[Tuple[str, ...], int] = {}  # collections begun, per request kind
-        self.running: Set[Tuple[str, ...]] = set()
-        self.done: Dict[Tuple[str, ...], Tuple[int, Optional[Answer], Optional[BaseException]]] = {}
-
-    def __call__(self, environ: Dict[str, Any]) -> Answer:
-        key = tuple(str(environ.get(k, "")) for k in ("QUERY_STRING", "HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING"))
-        with self.cond:
-            # needed: a collection that starts from now on (one running began too early)
-            need = self.started.get(key, 0) + 1
-            while True:
-                gen, answer, error = self.done.get(key, (0, None, None))
-                if gen >= need:
-                    if error is not None:
-                        raise error
-                    assert answer is not None
-                    return answer
-                if key not in self.running:
-                    break
-                self.cond.wait()
-            if len(self.started) > 32:  # distinct queries are not a way to grow this without bound
-                for k in [k for k in self.started if k not in self.running and k != key]:
-                    self.started.pop(k, None)
-                    self.done.pop(k, None)
-            self.running.add(key)
-            gen = self.started[key] = self.started.get(key, 0) + 1
-        answer, error = None, None
-        try:
-            answer = self.produce(environ)
-        except Exception as e:
-            error = e
-        with self.cond:
-            self.running.discard(key)
-            self.done[key] = (gen, answer, error)
-            self.cond.notify_all()
-        if error is not None:
-            raise error
-        assert answer is not None
-        return answer
-
-
-def exporter_app(registry: Any, healthy: Callable[[], bool]) -> WSGIApp:
-    from prometheus_client import make_wsgi_app
-
-    metrics = make_wsgi_app(registry)
-
-    def produce(environ: Dict[str, Any]) -> Answer:
-        got: List[Any] = []
-
-        def keep(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-            got[:] = [status, headers]
-            return lambda _b: None
-
-        body = b"".join(metrics(environ, keep))
-        return got[0], got[1], body
-
-    shared = Coalescer(produce)
-
-    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/healthz":
-            ok = healthy()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"not tracing\n"]
-        if path in ("/metrics", "/"):
-            try:
-                status, headers, body = shared(environ)
-            except Exception as e:  # e.g. EMFILE reading /proc: one line, a 503, no traceback
-                _once("scrape", "warning", "scrape failed", error="%s: %s" % (type(e).__name__, e))
-                start_response("503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info())
-                return [b"scrape failed, see the exporter's log\n"]
-            start_response(status, list(headers))
-            return [body]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"see /metrics and /healthz\n"]
-
-    return app

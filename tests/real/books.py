@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from netlab import Netns
-
 from rsttrace.kernel import procnet
+from tests.real.netlab import Netns
 
 KERNEL = (("Tcp", "OutRsts"), ("Tcp", "EstabResets"), ("Tcp", "AttemptFails"), ("TcpExt", "EmbryonicRsts"),
           ("TcpExt", "ListenOverflows"), ("TcpExt", "ListenDrops"), ("TcpExt", "TCPReqQFullDrop"),
@@ -63,6 +62,20 @@ def settle_derived(tracing: Any, tries: int = 20) -> None:
         time.sleep(0.1)
 
 
+def quiet(ns: Netns, every: float = 0.2, at_most: float = 10.0) -> None:
+    """Wait until the namespace's own counters stop moving (two readings ``every`` s apart
+    agree): packets injected from outside are processed in softirq, which a loaded (emulated)
+    CPU can run seconds late; the books are read after the kernel has counted all of them."""
+    end = time.monotonic() + at_most
+    last = ns.counters()
+    while time.monotonic() < end:
+        time.sleep(every)
+        now = ns.counters()
+        if now == last:
+            return
+        last = now
+
+
 def balance(tracing: Any, ns: Netns, before: Snapshot, scenario: str, injected_rsts: int = 0,
             after: Optional[Snapshot] = None) -> Dict[str, Any]:
     """Assert every identity for what happened in ``ns`` since ``before``.
@@ -71,6 +84,7 @@ def balance(tracing: Any, ns: Netns, before: Snapshot, scenario: str, injected_r
     its sockets may receive on top of the ones it sent itself.
     """
     if after is None:
+        quiet(ns)
         settle_derived(tracing)
         after = snapshot(tracing, ns)
     k = {name: procnet.get(after.kernel, sec, name) - procnet.get(before.kernel, sec, name) for sec, name in KERNEL}

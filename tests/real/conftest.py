@@ -6,10 +6,11 @@ import threading
 from typing import Any, Dict, Iterator, List
 
 import pytest
-from netlab import Netns
-from realkernel import require_real_kernel
 
+from rsttrace.kernel.read import gather
 from rsttrace.pipeline.events import Event
+from tests.real.netlab import Netns
+from tests.real.realkernel import require_real_kernel
 
 
 class Recorder:
@@ -35,12 +36,11 @@ def tracing(request: pytest.FixtureRequest) -> Iterator[Any]:
     and once with perf tracepoints (the fallback where a kernel's BTF lacks prototypes)."""
     require_real_kernel()
     from rsttrace.capture.tracer import TraceOptions
-    from rsttrace.kernel import facts as kernel
     from rsttrace.kernel import tracefs
     from rsttrace.pipeline.session import Session
 
     root, _ = tracefs.ensure_tracefs()
-    facts = kernel.gather(root)
+    facts = gather(root)
     rec = Recorder()
     session = Session(facts, TraceOptions(raw_tracepoints=request.param == "raw"), sink=rec,
                       overflow_interval=0.5)

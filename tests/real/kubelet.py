@@ -15,9 +15,9 @@ import uuid
 from typing import Dict, List
 
 import pytest
-from netlab import Netns
 
 from rsttrace.enrich import find_cgroup2_root
+from tests.real.netlab import Netns
 
 # The pod's process: join the container's cgroup, then its namespace (setns, as a runtime does:
 # `ip netns exec` would remount /sys and hide the cgroup2 tree), then run the pod's code given

@@ -23,9 +23,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from netlab import Netns
-
 from rsttrace.kernel import netns as nsmod
+from tests.real.netlab import Netns
 
 ETH_P_IP = 0x0800
 ETH_P_ALL = 0x0003

@@ -10,11 +10,12 @@ import time
 from typing import Any, Dict, Iterator, List
 
 import pytest
-from kubelet import KubeletPod
-from netlab import closed_port, connect_refused, overflow_on_ack, wait_for
-from realkernel import require_real_kernel
-from test_cli import rsttrace, wait_ready
-from test_exporter import free_port, sample, scrape
+
+from tests.real.kubelet import KubeletPod
+from tests.real.netlab import closed_port, connect_refused, overflow_on_ack, wait_for
+from tests.real.realkernel import require_real_kernel
+from tests.real.test_cli import rsttrace, wait_ready
+from tests.real.test_exporter import free_port, sample, scrape
 
 # The pod's server: close every connection with its data unread (TCP_ABORT_ON_CLOSE, sent
 # from a socket in the container's cgroup).

@@ -22,8 +22,9 @@ import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
-from netlab import Netns
-from realkernel import require_real_kernel
+
+from tests.real.netlab import Netns
+from tests.real.realkernel import require_real_kernel
 
 PY = sys.executable
 NOBODY = 65534
@@ -122,13 +123,13 @@ def test_bad_environment_refused_before_bpf(env: Dict[str, str], piece: str) -> 
 
 def test_unknown_reason_lists_this_kernels_names() -> None:
     require_real_kernel()
-    from rsttrace.kernel import facts as kernel
     from rsttrace.kernel import tracefs
+    from rsttrace.kernel.read import gather
     from rsttrace.pipeline import names
 
     line = assert_one_error(run(["trace", "--reason", "NOPE"]), "one of: ")
     listed = set(line.split("(one of: ", 1)[1].rstrip(")").split(", "))
-    facts = kernel.gather(tracefs.ensure_tracefs()[0])
+    facts = gather(tracefs.ensure_tracefs()[0])
     assert listed == set(names.valid_reasons(facts).values())
     assert set(facts.rst_reasons.values()) <= listed and "ECONNREFUSED" in listed
 
@@ -145,9 +146,9 @@ PRIVATE = "mount --make-rprivate /\nmount -t tmpfs -o mode=0755 none /lib/module
 
 
 def cache_merges_here() -> None:
-    from rsttrace.capture import bccload
+    from rsttrace.capture import headers
 
-    if os.path.exists("/sys/kernel/kheaders.tar.xz") or not any(c for _a, c in bccload._header_pairs()):
+    if os.path.exists("/sys/kernel/kheaders.tar.xz") or not any(c for _a, c in headers._header_pairs()):
         pytest.fail("these cache tests need split distro headers in /usr/src (-common + arch) and no "
                     "/sys/kernel/kheaders.tar.xz, so that rsttrace merges a header tree")
 
@@ -173,11 +174,11 @@ def run_private(setup: str, argv: List[str], after: str = "", nobody: bool = Fal
 def test_cache_owned_by_another_user_is_refused(owned_by_nobody: str) -> None:
     require_real_kernel()
     cache_merges_here()
-    setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0755 none {c}\nmkdir -m 0755 {c}/headers\n" \
-                      "chown {u} {v}".format(c=CACHE, u=NOBODY, v=owned_by_nobody)
+    setup = PRIVATE + "mkdir -p %(c)s\nmount -t tmpfs -o mode=0755 none %(c)s\nmkdir -m 0755 %(c)s/headers\n" \
+                      "chown %(u)s %(v)s" % {"c": CACHE, "u": NOBODY, "v": owned_by_nobody}
     p, _ = run_private(setup, ["trace", "--json"])
     line = assert_one_error(p, "header cache: %s is owned by uid 65534, not root" % owned_by_nobody)
-    assert line.endswith("(remove it, rm -rf {v}, or chown -R root: {v})".format(v=owned_by_nobody)), line
+    assert line.endswith("(remove it, rm -rf %(v)s, or chown -R root: %(v)s)" % {"v": owned_by_nobody}), line
 
 
 @pytest.mark.parametrize("value", ["relative/cache", ""])
@@ -192,12 +193,12 @@ def test_cache_variable_must_be_absolute(value: str) -> None:
 def test_group_writable_tree_is_refused_naming_the_directory() -> None:
     require_real_kernel()
     cache_merges_here()
-    from rsttrace.capture import bccload
+    from rsttrace.capture import headers
 
-    arch = os.path.basename(next(a for a, c in bccload._header_pairs() if c))
+    arch = os.path.basename(next(a for a, c in headers._header_pairs() if c))
     victim = "%s/headers/%s/include/linux" % (CACHE, arch)
-    setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0755 none {c}\n{py} -m rsttrace doctor --no-load " \
-                      ">/dev/null 2>&1 || true\nchmod g+w {v}".format(c=CACHE, py=PY, v=victim)
+    setup = PRIVATE + "mkdir -p %(c)s\nmount -t tmpfs -o mode=0755 none %(c)s\n%(py)s -m rsttrace doctor --no-load " \
+                      ">/dev/null 2>&1 || true\nchmod g+w %(v)s" % {"c": CACHE, "py": PY, "v": victim}
     p, _ = run_private(setup, ["trace"])
     assert_one_error(p, "header cache: %s is group- or world-writable (mode 0775)" % victim)
 
@@ -207,20 +208,20 @@ def test_marker_without_tree_is_rebuilt_and_umask_000_still_gives_0755() -> None
     and a cache whose marker outlived its tree never healing."""
     require_real_kernel()
     cache_merges_here()
-    from rsttrace.capture import bccload
+    from rsttrace.capture import headers
 
-    arch = os.path.basename(next(a for a, c in bccload._header_pairs() if c))
+    arch = os.path.basename(next(a for a, c in headers._header_pairs() if c))
     merged = "%s/headers/%s" % (CACHE, arch)
     # an empty 0777 cache, as a kubelet emptyDir is; the first run under umask 000
-    setup = PRIVATE + "mkdir -p {c}\nmount -t tmpfs -o mode=0777 none {c}".format(c=CACHE)
-    after = """find {c} ! -type l -perm /022
-echo dirs=$(find {c} -type d | wc -l)
-rm -rf {m}/include
-echo left: $(ls -A {m})
-again=$({py} -m rsttrace --log-format json doctor --no-load --json 2>/dev/null | tr -d '\\n')
-test -f {m}/include/generated/autoconf.h && echo rebuilt
+    setup = PRIVATE + "mkdir -p %(c)s\nmount -t tmpfs -o mode=0777 none %(c)s" % {"c": CACHE}
+    after = """find %(c)s ! -type l -perm /022
+echo dirs=$(find %(c)s -type d | wc -l)
+rm -rf %(m)s/include
+echo left: $(ls -A %(m)s)
+again=$(%(py)s -m rsttrace --log-format json doctor --no-load --json 2>/dev/null | tr -d '\\n')
+test -f %(m)s/include/generated/autoconf.h && echo rebuilt
 echo "again: $again"
-""".format(c=CACHE, m=merged, py=PY)
+""" % {"c": CACHE, "m": merged, "py": PY}
     p, post = run_private(setup, ["--log-format", "json", "doctor", "--no-load", "--json"], after=after, umask="000")
     assert p.returncode in (0, 1), p.stderr  # 1: doctor without --no-load's load test is "not ok"
     checks = {c["check"]: c for c in json.loads(p.stdout)}
@@ -229,7 +230,7 @@ echo "again: $again"
     assert [ln for ln in lines if ln.startswith(CACHE)] == []  # nothing group- or world-writable
     assert int(next(ln for ln in lines if ln.startswith("dirs="))[5:]) > 100  # the whole merged tree
     left = next(ln for ln in lines if ln.startswith("left:")).split()[1:]
-    assert bccload.MARKER in left and "include" not in left  # the marker stayed, its tree did not
+    assert headers.MARKER in left and "include" not in left  # the marker stayed, its tree did not
     assert "rebuilt" in lines
     again = {c["check"]: c for c in json.loads(next(ln for ln in lines if ln.startswith("again:"))[6:])}
     assert again["kernel headers"]["ok"], again["kernel headers"]
@@ -320,7 +321,7 @@ acc.close()  # unread data: the kernel aborts with a RST, in this process's clos
 
 
 def test_hostile_comm_is_escaped_in_human_output(ns: Netns) -> None:
-    from test_cli import run_rsttrace
+    from tests.real.test_cli import run_rsttrace
 
     rc, out, err, _ = run_rsttrace(
         ("--log-format", "json", "trace", "--netns", str(ns.inode), "--reason", "tcp_abort_on_close", "--count", "1",

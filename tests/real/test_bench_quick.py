@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from realkernel import require_real_kernel
+
+from tests.real.realkernel import require_real_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
@@ -32,8 +33,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO),
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert p.returncode == 0, "bench/run --quick failed:\n%s\n%s" % (p.stdout[-3000:], p.stderr[-3000:])
-    # this rsttrace has --no-raw-tracepoints, so the bench adds the perf tracepoint row
-    expected = configurations(all_events_flag=False, raw_flag=True)
+    # this rsttrace has --no-raw-tracepoints and -w, so the bench adds the perf tracepoint and pcapng rows
+    expected = configurations(all_events_flag=False, raw_flag=True, write_flag=True)
     for cfg in expected:
         assert any(line.startswith(cfg.label) for line in p.stdout.splitlines()), (
             "no row for %s:\n%s\n%s" % (cfg.label, p.stdout, p.stderr[-2000:]))

@@ -12,9 +12,10 @@ import time
 from typing import Any, Dict, List
 
 import pytest
-from books import balance, settle_derived, snapshot
-from netlab import Netns, now_ns, pair, wait_for
-from pktlab import ACK, HOST_ADDR, QUIET, RST, SYN, Segment, Wire, peer_addr
+
+from tests.real.books import balance, settle_derived, snapshot
+from tests.real.netlab import Netns, now_ns, pair, wait_for
+from tests.real.pktlab import ACK, HOST_ADDR, QUIET, RST, SYN, Segment, Wire, peer_addr
 
 Ev = Dict[str, Any]
 

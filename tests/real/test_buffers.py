@@ -12,17 +12,18 @@ import threading
 from typing import Any, List
 
 import pytest
-from netlab import Netns, closed_port, connect_refused, delta, wait_for
+
+from rsttrace.kernel.read import gather
+from tests.real.netlab import Netns, closed_port, connect_refused, delta, wait_for
 
 
 def run_session(ns: Netns, force_perf: bool, pages: int, resets: int, slow: bool) -> Any:
     from rsttrace.capture.tracer import TraceOptions
-    from rsttrace.kernel import facts as kernel
     from rsttrace.kernel import tracefs
     from rsttrace.pipeline.session import Session
 
     root, _ = tracefs.ensure_tracefs()
-    facts = kernel.gather(root)
+    facts = gather(root)
     got: List[Any] = []
     stop = threading.Event()
 

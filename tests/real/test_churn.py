@@ -18,7 +18,9 @@ import struct
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
-from realkernel import require_real_kernel
+
+from rsttrace.kernel.read import gather
+from tests.real.realkernel import require_real_kernel
 
 CLONE_NEWNET = 0x40000000
 SIOCSIFFLAGS = 0x8914
@@ -74,12 +76,11 @@ def counting() -> Iterator[Any]:
     """A counters-only session (as `summary` and `export --log-rate 0` run)."""
     require_real_kernel()
     from rsttrace.capture.tracer import TraceOptions
-    from rsttrace.kernel import facts as kernel
     from rsttrace.kernel import tracefs
     from rsttrace.pipeline.session import Session
 
     root, _ = tracefs.ensure_tracefs()
-    session = Session(kernel.gather(root), TraceOptions(events=False))
+    session = Session(gather(root), TraceOptions(events=False))
     session.start()
     try:
         yield session

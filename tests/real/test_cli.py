@@ -11,10 +11,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
-from netlab import Netns, closed_port, connect_refused, delta, overflow_accept_queue
-from realkernel import require_real_kernel
-
 from rsttrace.kernel import tracefs
+from tests.real.netlab import Netns, closed_port, connect_refused, delta, overflow_accept_queue
+from tests.real.realkernel import require_real_kernel
 
 CONTRACT_KEYS = {
     "time", "ktime_ns", "kind", "reason", "reason_raw", "reason_source", "state", "family",

@@ -12,12 +12,14 @@ import dataclasses
 import os
 
 import pytest
-from realkernel import require_real_kernel
-from testpaths import KERNEL_ROOTS
 
-from rsttrace.capture.bccload import import_bcc, kernel_headers
+from rsttrace.capture.bccload import import_bcc
+from rsttrace.capture.headers import kernel_headers
 from rsttrace.capture.tracer import TraceOptions, Tracer
-from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
+from tests import saved
+from tests.real.realkernel import require_real_kernel
+from tests.testpaths import KERNEL_ROOTS
 
 ROOTS = list(KERNEL_ROOTS.values())
 # the programs as trace/summary/export build them, and as `rsttrace top` does (its map, a --netns filter)
@@ -32,11 +34,11 @@ def test_program_loads(root: str, mode: str, monkeypatch: pytest.MonkeyPatch) ->
     src, _why = kernel_headers()
     if src:
         monkeypatch.setenv("BCC_KERNEL_SOURCE", src)  # for this compile only
-    functions = kernel.functions_fixture(os.path.join(root, "functions.txt"))
+    functions = saved.functions_fixture(os.path.join(root, "functions.txt"))
     # as if this kernel offered kprobes for every function the saved kernel had
     # and with that kernel's raw tracepoint prototypes rather than this kernel's
-    tp_args = kernel.tp_args_fixture(os.path.join(root, "tracepoint-args.txt"))
-    facts = kernel.gather(root, release=os.path.basename(root), functions=(True, functions[1]), tp_args=tp_args)
+    tp_args = saved.tp_args_fixture(os.path.join(root, "tracepoint-args.txt"))
+    facts = kernel_read.gather(root, release=os.path.basename(root), functions=(True, functions[1]), tp_args=tp_args)
     tracer = Tracer(facts, dataclasses.replace(OPTIONS[mode]))
     tracer.ringbuf = facts.ringbuf
     b = bcc.BPF(text=tracer.source().encode(), cflags=["-Wno-unused-function"])
@@ -69,7 +71,7 @@ def test_perf_variants_load(root: str, mode: str, monkeypatch: pytest.MonkeyPatc
     src, _why = kernel_headers()
     if src:
         monkeypatch.setenv("BCC_KERNEL_SOURCE", src)
-    facts = kernel.gather(root, release=os.path.basename(root), functions=(False, {}), tp_args={})
+    facts = kernel_read.gather(root, release=os.path.basename(root), functions=(False, {}), tp_args={})
     tracer = Tracer(facts, dataclasses.replace(OPTIONS[mode]))
     tracer.ringbuf = facts.ringbuf
     b = bcc.BPF(text=tracer.source().encode(), cflags=["-Wno-unused-function"])

@@ -14,8 +14,8 @@ import struct
 import time
 from typing import List, Tuple
 
-from netlab import Netns, delta, overflow_accept_queue
-from test_cli import run_rsttrace
+from tests.real.netlab import Netns, delta, overflow_accept_queue
+from tests.real.test_cli import run_rsttrace
 
 
 def _overflow_then_quiet(ns: Netns) -> Tuple[int, List[socket.socket]]:

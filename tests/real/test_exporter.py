@@ -18,9 +18,10 @@ import urllib.request
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
-from netlab import Netns, closed_port, connect_refused, delta, wait_for
-from realkernel import IN_CI, require_real_kernel
-from test_cli import loaded_prog_ids, prog_ids_of, rsttrace, wait_ready
+
+from tests.real.netlab import Netns, closed_port, connect_refused, delta, wait_for
+from tests.real.realkernel import IN_CI, require_real_kernel
+from tests.real.test_cli import loaded_prog_ids, prog_ids_of, rsttrace, wait_ready
 
 
 def free_port() -> int:

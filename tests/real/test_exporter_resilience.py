@@ -20,12 +20,12 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from netlab import Netns, closed_port, connect_refused, delta, wait_for
-from realkernel import require_real_kernel
-from test_cli import rsttrace, wait_ready
-from test_exporter import free_port, sample, scrape, sent_labels
 
 from rsttrace.sinks.httpserve import IDLE_TIMEOUT, REQUEST_TIMEOUT
+from tests.real.netlab import Netns, closed_port, connect_refused, delta, wait_for
+from tests.real.realkernel import require_real_kernel
+from tests.real.test_cli import rsttrace, wait_ready
+from tests.real.test_exporter import free_port, sample, scrape, sent_labels
 
 NOFILE = 256
 IDLE_CONNECTIONS = 1000

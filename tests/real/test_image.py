@@ -36,11 +36,11 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 import yaml
-from realkernel import IN_CI, require_real_kernel
 
 from rsttrace import __version__
 from rsttrace.kernel import netns as nsmod
 from rsttrace.kernel import procnet
+from tests.real.realkernel import IN_CI, require_real_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAEMONSET = os.path.join(ROOT, "deploy", "kubernetes", "base", "daemonset.yaml")

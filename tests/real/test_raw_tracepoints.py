@@ -6,10 +6,11 @@ import os
 import platform
 
 import pytest
-from testpaths import KERNEL_FORMATS
 
-from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
 from rsttrace.kernel.btf import Btf
+from tests import saved
+from tests.testpaths import KERNEL_FORMATS
 
 
 def _saved_root(release: str) -> str:
@@ -27,9 +28,9 @@ def test_saved_prototypes_match_this_kernel() -> None:
     root = _saved_root(platform.release())
     if not root:
         pytest.skip("no saved facts for kernel %s (the rig boots the saved ones)" % platform.release())
-    saved = kernel.tp_args_fixture(os.path.join(root, "tracepoint-args.txt"))
+    recorded = saved.tp_args_fixture(os.path.join(root, "tracepoint-args.txt"))
     btf = Btf.load()
-    assert {tp: btf.tracepoint_args(tp) for tp in saved} == saved
+    assert {tp: btf.tracepoint_args(tp) for tp in recorded} == recorded
 
 
 def test_reset_programs_run_on_the_hooks_asked_for(tracing: object) -> None:
@@ -44,14 +45,14 @@ def test_reset_programs_run_on_the_hooks_asked_for(tracing: object) -> None:
 
 def test_a_failed_raw_attach_falls_back_to_perf_tracepoints(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel that refuses BPF_RAW_TRACEPOINT_OPEN (say, a security module) still gets traced."""
-    from realkernel import require_real_kernel
+    from tests.real.realkernel import require_real_kernel
 
     require_real_kernel()
     from rsttrace.capture.bccload import import_bcc
     from rsttrace.capture.tracer import TraceOptions, Tracer
     from rsttrace.kernel import tracefs
 
-    facts = kernel.gather(tracefs.ensure_tracefs()[0])
+    facts = kernel_read.gather(tracefs.ensure_tracefs()[0])
     if not facts.raw_args("tcp_send_reset"):
         pytest.skip("this kernel has no raw tracepoint plan to fall back from")
     bcc = import_bcc()

@@ -14,8 +14,9 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from books import balance, snapshot
-from netlab import (
+
+from tests.real.books import balance, snapshot
+from tests.real.netlab import (
     Netns,
     closed_port,
     connect_refused,

@@ -19,10 +19,11 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from netlab import Netns, delta, wait_for
-from pktlab import HOST_ADDR, SYN, Segment, Wire
-from realkernel import require_real_kernel
-from test_cli import rsttrace, wait_ready
+
+from tests.real.netlab import Netns, delta, wait_for
+from tests.real.pktlab import HOST_ADDR, SYN, Segment, Wire
+from tests.real.realkernel import require_real_kernel
+from tests.real.test_cli import rsttrace, wait_ready
 
 SCANNER = "10.77.1.200"
 SCAN_PORTS = range(20000, 21000)  # 1,000 closed ports on HOST_ADDR
@@ -50,10 +51,10 @@ for _ in range(int(sys.argv[1])):
 def abort_reason() -> str:
     """What this kernel calls a SO_LINGER 0 close's reset: TCP_STATE (6.12+), or rsttrace's inferred
     TCP_ABORT_ON_CLOSE where tcp_send_reset has no reason (before 6.10)."""
-    from rsttrace.kernel import facts as kernel
     from rsttrace.kernel import tracefs
+    from rsttrace.kernel.read import gather
 
-    facts = kernel.gather(tracefs.ensure_tracefs()[0])
+    facts = gather(tracefs.ensure_tracefs()[0])
     return "TCP_STATE" if facts.send_has_reason else "TCP_ABORT_ON_CLOSE"
 
 
@@ -279,7 +280,7 @@ def test_refused_connects_take_one_key() -> None:
     """A client's refused connects (SYN_SENT) are keyed by the port they tried, not their own
     ephemeral one: 200 of them are two keys (the reset sent, the reset received), not 201."""
     require_real_kernel()
-    from netlab import closed_port, connect_refused
+    from tests.real.netlab import closed_port, connect_refused
 
     ns = Netns()
     try:

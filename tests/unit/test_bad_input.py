@@ -16,12 +16,14 @@ import sys
 from typing import Any, List, Tuple
 
 import pytest
-from testpaths import KERNEL_ROOTS
 
 from rsttrace import cli
-from rsttrace.cli import argcheck
+from rsttrace.cli import argcheck, common
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
 from rsttrace.pipeline import events, names
+from tests import saved
+from tests.testpaths import KERNEL_ROOTS
 
 BIG = "99999999999999999999999"
 
@@ -117,6 +119,11 @@ PARSE_LEVEL: List[Tuple[List[str], str]] = [
     (["doctor", "--no-load", "--bogus"], "unrecognized arguments: --bogus"),
     (["export", "--max-series", "\u0661"], "not a whole number"),
     (["summary", "--netns", "0"], "is not a netns inode"),
+    # captures: trace -w, read
+    (["trace", "-w"], "argument -w/--write: expected one argument"),
+    (["read"], "the following arguments are required: FILE"),
+    (["read", "x.pcapng", "--count", "0"], "not a whole number"),
+    (["read", "x.pcapng", "--duration", "5"], "unrecognized arguments: --duration"),
     (["top", "-d", "0.1"], "'0.1' is not a number of seconds from 0.2 to 3600"),
     (["top", "-d", "nan"], "not a number of seconds"),
     (["top", "--max-keys", "8"], "argument --max-keys"),
@@ -153,6 +160,13 @@ BEFORE_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--reason", ","], "--reason ',': an empty name"),
     (["trace", "--reason", " , "], "an empty name"),
     (["trace", "--reason", "NO_SOCKET,"], "an empty name"),
+    (["trace", "-w", "-", "--json"], "-w - writes the capture to stdout: --json has nowhere to go"),
+    # read never reads the kernel: its filters and its file are judged alone
+    (["read", "x.pcapng", "--port", "http"], "bad port 'http'"),
+    (["read", "x.pcapng", "--reason", ","], "an empty name"),
+    (["read", "/nonexistent/x.pcapng"], "cannot read /nonexistent/x.pcapng: No such file or directory"),
+    (["read", "/etc/passwd"], "/etc/passwd: not a pcapng file (it must start with a section header block)"),
+    (["read", "/x\x1b[2J"], "cannot read /x\\x1b[2J"),  # escaped
     (["top", "-b", "--by", "pods"], "--by 'pods': group by one or more of pod, kind"),
     (["top", "-b", "--by", "port,"], "--by '': group by one or more of"),
     (["top", "-b", "--peer-prefix", "33"], "--peer-prefix '33': IPv4 0 to 32"),
@@ -174,6 +188,9 @@ AGAINST_KERNEL: List[Tuple[List[str], str]] = [
     (["trace", "--proc-root", "/nonexistent/proc"], "--proc-root /nonexistent/proc: no such directory"),
     (["trace", "--proc-root", "/x\x1b[2J\x07"], "--proc-root /x\\x1b[2J\\x07: no such"),  # escaped
     (["trace", "--netns", " 4294967295 "], "--netns 4294967295: no network namespace"),
+    # the capture file is opened before anything is compiled
+    (["trace", "-w", "/nonexistent/dir/x.pcapng"], "cannot write /nonexistent/dir/x.pcapng: No such file or directory"),
+    (["trace", "-w", "/etc"], "cannot write /etc: Is a directory"),
     (["top", "-b", "--netns", "%d,4294967295" % os.stat("/proc/self/ns/net").st_ino],
      "--netns 4294967295: no network namespace has that inode now"),
 ]
@@ -210,15 +227,15 @@ def saved_kernel(monkeypatch: pytest.MonkeyPatch) -> kernel.KernelFacts:
     def session(*_a: Any, **_kw: Any) -> None:
         raise Reached("validation passed: a Session would compile now")
 
-    monkeypatch.setattr(cli, "prepare", lambda need_root=True: facts)
-    monkeypatch.setattr(cli, "Session", session)
+    monkeypatch.setattr(common, "prepare", lambda need_root=True: facts)
+    monkeypatch.setattr(common, "Session", session)
     return facts
 
 
 def saved_facts(version: str = "6.18") -> kernel.KernelFacts:
     root = KERNEL_ROOTS[version]
-    return kernel.gather(root, btf_path=None, release=version,
-                         functions=kernel.functions_fixture(os.path.join(root, "functions.txt")))
+    return kernel_read.gather(root, btf_path=None, release=version,
+                         functions=saved.functions_fixture(os.path.join(root, "functions.txt")))
 
 
 @pytest.mark.parametrize("argv,msg", PARSE_LEVEL, ids=[" ".join(a) or "(none)" for a, _ in PARSE_LEVEL])
@@ -235,7 +252,7 @@ def test_before_the_kernel_is_read(argv: List[str], msg: str, capfd: pytest.Capt
     def prepare(need_root: bool = True) -> None:
         raise Reached("the kernel was read before a syntax error was reported")
 
-    monkeypatch.setattr(cli, "prepare", prepare)
+    monkeypatch.setattr(common, "prepare", prepare)
     assert msg in one_error_line(capfd, argv)
 
 
@@ -277,7 +294,7 @@ def test_every_name_rsttrace_prints_is_a_valid_reason(version: str, capsys: pyte
     """names.valid_reasons is the one list: `rsttrace reasons` and events' inferred names are in it."""
     facts = saved_facts(version)
     valid = names.valid_reasons(facts)
-    monkeypatch.setattr(cli, "prepare", lambda need_root=True: facts)
+    monkeypatch.setattr(common, "prepare", lambda need_root=True: facts)
     assert cli.main(["reasons", "--json"]) == 0
     import json
 

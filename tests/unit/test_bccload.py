@@ -10,6 +10,7 @@ from typing import Iterator
 import pytest
 
 from rsttrace.capture import bccload
+from rsttrace.capture import headers as hdrs
 
 
 def headers_tree(src: str, version: str, flavour: str) -> None:
@@ -33,7 +34,7 @@ def test_merges_common_and_arch_newest_first(tmp_path: str, monkeypatch: pytest.
     src, cache = os.path.join(tmp_path, "src"), os.path.join(tmp_path, "cache")
     headers_tree(src, "6.1.0-9", "amd64")
     headers_tree(src, "6.1.0-56", "amd64")
-    where, why = bccload.kernel_headers("6.18.44", cache=cache, src=src, modules=str(tmp_path),
+    where, why = hdrs.kernel_headers("6.18.44", cache=cache, src=src, modules=str(tmp_path),
                                         kheaders="/nonexistent")
     assert where is not None and where.startswith(cache) and "6.1.0-56" in where
     assert "not the running kernel's version" in why
@@ -44,33 +45,33 @@ def test_merges_common_and_arch_newest_first(tmp_path: str, monkeypatch: pytest.
     with open(os.path.join(where, "Makefile")) as f:
         assert f.read().startswith("include")  # the arch tree wins where both have a file
     assert not os.path.exists(os.path.join(where, "scripts"))
-    assert bccload.kernel_headers("6.18.44", cache=cache, src=src, modules=str(tmp_path),
+    assert hdrs.kernel_headers("6.18.44", cache=cache, src=src, modules=str(tmp_path),
                                   kheaders="/nonexistent")[0] == where  # reused
 
 
 def test_matching_modules_build_dir_wins(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
     os.makedirs(os.path.join(tmp_path, "6.18.44", "build", "include"))
-    where, why = bccload.kernel_headers("6.18.44", src=str(tmp_path), modules=str(tmp_path), kheaders="/x")
+    where, why = hdrs.kernel_headers("6.18.44", src=str(tmp_path), modules=str(tmp_path), kheaders="/x")
     assert where is None and "matching headers" in why
 
 
 def test_no_headers_is_one_clear_error(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
     with pytest.raises(bccload.BccMissing, match="apt-get install linux-headers"):
-        bccload.kernel_headers("6.18.44", src=str(tmp_path), modules=str(tmp_path), kheaders="/x")
+        hdrs.kernel_headers("6.18.44", src=str(tmp_path), modules=str(tmp_path), kheaders="/x")
 
 
 def test_environment_override(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     os.makedirs(os.path.join(tmp_path, "include"))
     monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path))
-    assert bccload.kernel_headers("6.18.44")[0] == str(tmp_path)
+    assert hdrs.kernel_headers("6.18.44")[0] == str(tmp_path)
 
 
 def test_environment_override_without_headers_is_refused(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BCC_KERNEL_SOURCE", os.path.join(tmp_path, "nothing"))
     with pytest.raises(bccload.BccMissing, match="no include/ directory.*unset it"):
-        bccload.kernel_headers("6.18.44")
+        hdrs.kernel_headers("6.18.44")
 
 
 @pytest.fixture()
@@ -123,7 +124,7 @@ def merged_tree(tmp_path: str) -> tuple:  # type: ignore[type-arg]
 
 
 def headers(src: str, cache: str, tmp_path: str) -> str:
-    where, _why = bccload.kernel_headers("6.18.44", cache=cache, src=src, modules=str(tmp_path),
+    where, _why = hdrs.kernel_headers("6.18.44", cache=cache, src=src, modules=str(tmp_path),
                                          kheaders="/nonexistent")
     assert where is not None
     return where
@@ -146,7 +147,7 @@ def test_cache_is_0755_whatever_the_umask(tmp_path: str, monkeypatch: pytest.Mon
                 assert st.st_mode & 0o022 == 0, (os.path.join(root, name), oct(st.st_mode))
                 seen += 1
     assert oct(os.stat(cache).st_mode & 0o777) == "0o755" and seen >= 5
-    assert oct(os.stat(os.path.join(where, bccload.MARKER)).st_mode & 0o777) == "0o644"
+    assert oct(os.stat(os.path.join(where, hdrs.MARKER)).st_mode & 0o777) == "0o644"
 
 
 def test_marker_without_its_tree_is_rebuilt(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,13 +157,13 @@ def test_marker_without_its_tree_is_rebuilt(tmp_path: str, monkeypatch: pytest.M
     import shutil
 
     shutil.rmtree(os.path.join(where, "include"))  # the marker stays
-    assert os.path.exists(os.path.join(where, bccload.MARKER))
+    assert os.path.exists(os.path.join(where, hdrs.MARKER))
     assert headers(src, cache, tmp_path) == where
     assert os.path.isfile(os.path.join(where, "include/generated/autoconf.h"))
-    with open(os.path.join(where, bccload.MARKER), "w") as f:
+    with open(os.path.join(where, hdrs.MARKER), "w") as f:
         f.write("/somewhere/else\n/and/another\n")  # a marker for other trees: rebuilt too
     headers(src, cache, tmp_path)
-    with open(os.path.join(where, bccload.MARKER)) as f:
+    with open(os.path.join(where, hdrs.MARKER)) as f:
         assert "linux-headers-6.1.0-56-amd64" in f.read()
 
 
@@ -174,7 +175,7 @@ def test_writable_by_others_is_refused_naming_the_path(victim: str, tmp_path: st
     headers(src, cache, tmp_path)
     path = os.path.join(cache, victim).rstrip("/")
     os.chmod(path, 0o775)
-    with pytest.raises(bccload.CacheError) as e:
+    with pytest.raises(hdrs.CacheError) as e:
         headers(src, cache, tmp_path)
     assert "%s is group- or world-writable (mode 0775)" % path in str(e.value)
     assert e.value.fix == "chmod go-w %s, or remove it: rm -rf %s" % (path, path)
@@ -195,8 +196,8 @@ def test_cache_variable_must_be_absolute(value: str, tmp_path: str, monkeypatch:
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
     monkeypatch.setenv("RSTTRACE_CACHE", value)
     src, _cache = merged_tree(tmp_path)
-    with pytest.raises(bccload.CacheError, match="RSTTRACE_CACHE=.* is not an absolute path"):
-        bccload.kernel_headers("6.18.44", src=src, modules=str(tmp_path), kheaders="/nonexistent")
+    with pytest.raises(hdrs.CacheError, match="RSTTRACE_CACHE=.* is not an absolute path"):
+        hdrs.kernel_headers("6.18.44", src=src, modules=str(tmp_path), kheaders="/nonexistent")
 
 
 def test_unwritable_cache_names_the_fix(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,14 +206,14 @@ def test_unwritable_cache_names_the_fix(tmp_path: str, monkeypatch: pytest.Monke
     blocker = os.path.join(tmp_path, "file")
     with open(blocker, "w"):
         pass
-    with pytest.raises(bccload.CacheError) as e:
+    with pytest.raises(hdrs.CacheError) as e:
         headers(src, os.path.join(blocker, "cache"), tmp_path)
     assert blocker in str(e.value) and "RSTTRACE_CACHE" in e.value.fix
 
 
 def test_captured_output_keeps_c_level_writes_off_stdout(capfd: pytest.CaptureFixture[str]) -> None:
     """What bcc and clang write to fds 1 and 2 during a compile becomes one log line on stderr."""
-    from rsttrace.sinks import log
+    from rsttrace import log
 
     log.configure("info", "json")
     print("before", flush=True)
@@ -229,7 +230,7 @@ def test_captured_output_keeps_c_level_writes_off_stdout(capfd: pytest.CaptureFi
 
 
 def test_captured_output_restores_fds_when_the_body_fails(capfd: pytest.CaptureFixture[str]) -> None:
-    from rsttrace.sinks import log
+    from rsttrace import log
 
     log.configure("info", "json")
     with pytest.raises(RuntimeError), bccload.captured_output("bcc compile"):
@@ -248,7 +249,7 @@ def test_a_writable_directory_above_the_cache_is_refused(tmp_path: str, monkeypa
     above = os.path.join(tmp_path, "shared")
     os.mkdir(above)
     os.chmod(above, 0o777)
-    with pytest.raises(bccload.CacheError) as e:
+    with pytest.raises(hdrs.CacheError) as e:
         headers(src, os.path.join(above, "cache"), tmp_path)
     assert str(e.value).startswith("header cache: %s, above %s/cache, is group- or world-writable (mode 0777)"
                                    % (above, above))

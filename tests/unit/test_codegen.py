@@ -13,11 +13,12 @@ import tempfile
 from typing import Dict
 
 import pytest
-from testpaths import KERNEL_FORMATS
 
 from rsttrace.capture import codegen
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
 from rsttrace.kernel.tracefs import Tracefs
+from tests.testpaths import KERNEL_FORMATS
 
 KERNELS = sorted(d for d in os.listdir(KERNEL_FORMATS) if os.path.isdir(os.path.join(KERNEL_FORMATS, d)))
 
@@ -55,7 +56,7 @@ def test_generated_struct_matches_format(release: str, system: str, event: str) 
 
 
 def facts_for(release: str) -> kernel.KernelFacts:
-    return kernel.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
+    return kernel_read.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
 
 
 def test_macros_618() -> None:

@@ -9,9 +9,9 @@ import subprocess
 import tempfile
 
 import pytest
-from testpaths import ROOT
 
 from rsttrace.capture import contract
+from tests.testpaths import ROOT
 
 STRUCTS = [("rsttrace_event", contract.RawEvent), ("rsttrace_counter_key", contract.CounterKey),
            ("rsttrace_top_key", contract.TopKey)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional, Tuple
 
 import pytest
 
@@ -22,65 +23,66 @@ CID2 = "aa" * 32
 
 PARSE_CASES = [
     # --- cgroupfs driver (containerd / Docker: bare id; CRI-O: crio-<id>)
-    ("cgroupfs burstable", f"/kubepods/burstable/pod{UID}/{CID}", (UID, CID)),
-    ("cgroupfs besteffort", f"/kubepods/besteffort/pod{UID}/{CID}", (UID, CID)),
-    ("cgroupfs guaranteed", f"/kubepods/pod{UID}/{CID}", (UID, CID)),
-    ("cgroupfs crio", f"/kubepods/burstable/pod{UID}/crio-{CID}", (UID, CID)),
-    ("cgroupfs docker prefix", f"/kubepods/pod{UID}/docker-{CID}", (UID, CID)),
-    ("cgroupfs pod level", f"/kubepods/burstable/pod{UID}", (UID, None)),
+    ("cgroupfs burstable", "/kubepods/burstable/pod%s/%s" % (UID, CID), (UID, CID)),
+    ("cgroupfs besteffort", "/kubepods/besteffort/pod%s/%s" % (UID, CID), (UID, CID)),
+    ("cgroupfs guaranteed", "/kubepods/pod%s/%s" % (UID, CID), (UID, CID)),
+    ("cgroupfs crio", "/kubepods/burstable/pod%s/crio-%s" % (UID, CID), (UID, CID)),
+    ("cgroupfs docker prefix", "/kubepods/pod%s/docker-%s" % (UID, CID), (UID, CID)),
+    ("cgroupfs pod level", "/kubepods/burstable/pod%s" % (UID,), (UID, None)),
     (
         "cgroupfs static pod uid",
-        f"/kubepods/burstable/pod{STATIC_UID}/{CID}",
+        "/kubepods/burstable/pod%s/%s" % (STATIC_UID, CID),
         (STATIC_UID, CID),
     ),
-    ("cgroupfs kubelet cgroup-root", f"/kubelet/kubepods/pod{UID}/{CID}", (UID, CID)),
+    ("cgroupfs kubelet cgroup-root", "/kubelet/kubepods/pod%s/%s" % (UID, CID), (UID, CID)),
     # --- systemd driver
     (
         "systemd containerd burstable",
-        (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope"),
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice/cri-containerd-%s.scope"
+        % (UID_, CID),
         (UID, CID),
     ),
     (
         "systemd crio besteffort",
-        (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-{CID}.scope"),
+        ("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod%s.slice/crio-%s.scope" % (UID_, CID)),
         (UID, CID),
     ),
     (
         "systemd docker guaranteed",
-        f"/kubepods.slice/kubepods-pod{UID_}.slice/docker-{CID}.scope",
+        "/kubepods.slice/kubepods-pod%s.slice/docker-%s.scope" % (UID_, CID),
         (UID, CID),
     ),
     (
         "systemd crio conmon is pod-level, not a container",
-        f"/kubepods.slice/kubepods-pod{UID_}.slice/crio-conmon-{CID}.scope",
+        "/kubepods.slice/kubepods-pod%s.slice/crio-conmon-%s.scope" % (UID_, CID),
         (UID, None),
     ),
     (
         "systemd pod slice only",
-        f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice",
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice" % (UID_,),
         (UID, None),
     ),
     (
         "systemd nested cgroup inside the container",
-        f"/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{CID}.scope/init.scope",
+        "/kubepods.slice/kubepods-pod%s.slice/cri-containerd-%s.scope/init.scope" % (UID_, CID),
         (UID, CID),
     ),
     (
         "kind node: kubelet.slice prefix",
         (
             "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
-            f"kubelet-kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope"
+            "kubelet-kubepods-besteffort-pod%s.slice/cri-containerd-%s.scope" % (UID_, CID)
         ),
         (UID, CID),
     ),
     (
         "seen from inside another cgroup namespace",
-        f"/../../kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope",
+        "/../../kubepods-besteffort-pod%s.slice/cri-containerd-%s.scope" % (UID_, CID),
         (UID, CID),
     ),
     (
         "uppercase hex is normalized",
-        f"/kubepods/pod{UID.upper()}/{CID.upper()}",
+        "/kubepods/pod%s/%s" % (UID.upper(), CID.upper()),
         (UID, CID),
     ),
     # --- not a pod
@@ -88,20 +90,20 @@ PARSE_CASES = [
     ("docker daemon", "/system.slice/docker.service", None),
     ("containerd daemon", "/system.slice/containerd.service", None),
     # --- a container outside any pod: empty pod UID, its id (full ids only)
-    ("plain docker container", f"/system.slice/docker-{CID}.scope", ("", CID)),
-    ("podman, systemd manager", f"/machine.slice/libpod-{CID}.scope", ("", CID)),
-    ("podman, cgroupfs manager", f"/libpod_parent/libpod-{CID}", ("", CID)),
-    ("podman, nested cgroup inside", f"/machine.slice/libpod-{CID}.scope/container", ("", CID)),
-    ("podman's conmon is not the container", f"/machine.slice/libpod-conmon-{CID}.scope", None),
-    ("podman short id is not taken", f"/libpod_parent/libpod-{CID[:12]}", None),
-    ("pod wins over a standalone-looking parent", f"/libpod_parent/libpod-{CID2}/kubepods/pod{UID}/{CID}",
+    ("plain docker container", "/system.slice/docker-%s.scope" % (CID,), ("", CID)),
+    ("podman, systemd manager", "/machine.slice/libpod-%s.scope" % (CID,), ("", CID)),
+    ("podman, cgroupfs manager", "/libpod_parent/libpod-%s" % (CID,), ("", CID)),
+    ("podman, nested cgroup inside", "/machine.slice/libpod-%s.scope/container" % (CID,), ("", CID)),
+    ("podman's conmon is not the container", "/machine.slice/libpod-conmon-%s.scope" % (CID,), None),
+    ("podman short id is not taken", "/libpod_parent/libpod-%s" % (CID[:12],), None),
+    ("pod wins over a standalone-looking parent", "/libpod_parent/libpod-%s/kubepods/pod%s/%s" % (CID2, UID, CID),
      (UID, CID)),
     # --- not a pod
     ("root", "/", None),
     ("qos slice", "/kubepods.slice/kubepods-burstable.slice", None),
     ("qos dir", "/kubepods/besteffort", None),
     ("pod word without uid", "/kubepods/podfoo/bar", None),
-    ("non-kubepods pod slice", f"/system.slice/foo-pod{UID_}.slice", None),
+    ("non-kubepods pod slice", "/system.slice/foo-pod%s.slice" % (UID_,), None),
     ("empty", "", None),
 ]
 
@@ -110,33 +112,33 @@ PARSE_CASES = [
     ("path", "expected"),
     [pytest.param(p, e, id=name) for name, p, e in PARSE_CASES],
 )
-def test_parse_cgroup_path(path: str, expected: tuple[str, str | None] | None) -> None:
+def test_parse_cgroup_path(path: str, expected: Optional[Tuple[str, Optional[str]]]) -> None:
     assert parse_cgroup_path(path) == expected
 
 
 def test_parsed_identity_unpacks_as_uid_and_container_id() -> None:
-    parsed = parse_cgroup_path(f"/kubepods/pod{UID}/{CID}")
+    parsed = parse_cgroup_path("/kubepods/pod%s/%s" % (UID, CID))
     assert parsed is not None
     uid, cid = parsed
     assert (uid, cid) == (parsed.pod_uid, parsed.container_id) == (UID, CID)
 
 
-V1_SYSTEMD_DRIVER = f"""\
-12:pids:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope
-11:cpuset:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope
-10:memory:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope
-1:name=systemd:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope
+V1_SYSTEMD_DRIVER = """\
+12:pids:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice/cri-containerd-%s.scope
+11:cpuset:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice/cri-containerd-%s.scope
+10:memory:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice/cri-containerd-%s.scope
+1:name=systemd:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice/cri-containerd-%s.scope
 0::/
-"""
+""" % (UID_, CID, UID_, CID, UID_, CID, UID_, CID)
 
-V1_CGROUPFS_DRIVER = f"""\
-11:perf_event:/kubepods/besteffort/pod{UID}/{CID}
-7:cpu,cpuacct:/kubepods/besteffort/pod{UID}/{CID}
-4:memory:/kubepods/besteffort/pod{UID}/{CID}
-1:name=systemd:/kubepods/besteffort/pod{UID}/{CID}
-"""
+V1_CGROUPFS_DRIVER = """\
+11:perf_event:/kubepods/besteffort/pod%s/%s
+7:cpu,cpuacct:/kubepods/besteffort/pod%s/%s
+4:memory:/kubepods/besteffort/pod%s/%s
+1:name=systemd:/kubepods/besteffort/pod%s/%s
+""" % (UID, CID, UID, CID, UID, CID, UID, CID)
 
-V2_ONLY = f"0::/kubepods.slice/kubepods-pod{UID_}.slice/crio-{CID}.scope\n"
+V2_ONLY = "0::/kubepods.slice/kubepods-pod%s.slice/crio-%s.scope\n" % (UID_, CID)
 
 HOST_PROCESS = """\
 12:pids:/system.slice/sshd.service
@@ -147,16 +149,16 @@ HOST_PROCESS = """\
 
 # Hierarchies can disagree (a runtime that moved a process in one controller
 # only); the unified line wins because its ids are the ones BPF reports.
-DISAGREEING = f"""\
-4:memory:/kubepods/pod{UID}/{CID2}
-0::/kubepods/pod{UID}/{CID}
-"""
+DISAGREEING = """\
+4:memory:/kubepods/pod%s/%s
+0::/kubepods/pod%s/%s
+""" % (UID, CID2, UID, CID)
 
 # A line that names the container beats one that names only the pod.
-POD_LEVEL_FIRST = f"""\
-0::/kubepods/pod{UID}
-4:memory:/kubepods/pod{UID}/{CID}
-"""
+POD_LEVEL_FIRST = """\
+0::/kubepods/pod%s
+4:memory:/kubepods/pod%s/%s
+""" % (UID, UID, CID)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +173,7 @@ POD_LEVEL_FIRST = f"""\
         pytest.param("garbage\n\n", None, id="malformed"),
     ],
 )
-def test_parse_proc_cgroup(text: str, expected: tuple[str, str] | None) -> None:
+def test_parse_proc_cgroup(text: str, expected: Optional[Tuple[str, str]]) -> None:
     assert parse_proc_cgroup(text) == expected
 
 
@@ -193,8 +195,8 @@ def test_find_cgroup2_root_pure_v1_has_none(tmp_path: Path) -> None:
 
 
 def test_walk_cgroup2_maps_directory_inodes_to_pods(tmp_path: Path) -> None:
-    pod = tmp_path / "kubepods.slice" / "kubepods-besteffort.slice" / f"kubepods-besteffort-pod{UID_}.slice"
-    ctr = pod / f"cri-containerd-{CID}.scope"
+    pod = tmp_path / "kubepods.slice" / "kubepods-besteffort.slice" / ("kubepods-besteffort-pod%s.slice" % (UID_,))
+    ctr = pod / ("cri-containerd-%s.scope" % (CID,))
     ctr.mkdir(parents=True)
     (ctr / "cgroup.procs").write_text("")
     host = tmp_path / "system.slice" / "sshd.service"

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -64,7 +65,7 @@ class FakeNode:
         d = self.proc / str(pid)
         (d / "ns").mkdir(parents=True)
         # The kernel's ns links are "magic" links whose text is net:[inode].
-        os.symlink(f"net:[{netns}]", d / "ns" / "net")
+        os.symlink("net:[%s]" % (netns,), d / "ns" / "net")
         text = (FIXTURES / "proc-cgroup" / cgroup_fixture).read_text()
         (d / "cgroup").write_text(text.format(uid=uid, uid_=uid.replace("-", "_"), cid=cid))
         (d / "comm").write_text(comm + "\n")
@@ -75,22 +76,22 @@ class FakeNode:
             p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
         d.rmdir()
 
-    def add_pod(self, ns: str, pod: str, uid: str, containers: list[str]) -> None:
+    def add_pod(self, ns: str, pod: str, uid: str, containers: List[str]) -> None:
         for name in containers:
-            (self.pods / f"{ns}_{pod}_{uid}" / name).mkdir(parents=True, exist_ok=True)
+            (self.pods / ("%s_%s_%s" % (ns, pod, uid)) / name).mkdir(parents=True, exist_ok=True)
 
     def add_container_log(self, ns: str, pod: str, uid: str, container: str, cid: str) -> None:
-        target = self.pods / f"{ns}_{pod}_{uid}" / container / "0.log"
+        target = self.pods / ("%s_%s_%s" % (ns, pod, uid)) / container / "0.log"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("")
-        os.symlink(target, self.containers / f"{pod}_{ns}_{container}-{cid}.log")
+        os.symlink(target, self.containers / ("%s_%s_%s-%s.log" % (pod, ns, container, cid)))
 
     def add_cgroup(self, rel: str) -> int:
         d = self.cgroup / rel
         d.mkdir(parents=True, exist_ok=True)
         return os.stat(d).st_ino
 
-    def enricher(self, clock: FakeClock | None = None, **kw: float) -> Enricher:
+    def enricher(self, clock: Optional[FakeClock] = None, **kw: float) -> Enricher:
         return Enricher(
             proc_root=str(self.proc),
             cgroup_root=str(self.cgroup),
@@ -258,13 +259,13 @@ def test_unreadable_processes_are_skipped(node: FakeNode) -> None:
 # --- cgroup id attribution ----------------------------------------------
 
 
-def web_cgroups(node: FakeNode, root: str = "") -> dict[str, int]:
-    pod = f"{root}kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_WEB.replace('-', '_')}.slice"
+def web_cgroups(node: FakeNode, root: str = "") -> Dict[str, int]:
+    pod = "%skubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice" % (root, UID_WEB.replace("-", "_"))
     return {
         "pod": node.add_cgroup(pod),
-        "pause": node.add_cgroup(f"{pod}/cri-containerd-{CID_WEB_PAUSE}.scope"),
-        "app": node.add_cgroup(f"{pod}/cri-containerd-{CID_WEB_APP}.scope"),
-        "host": node.add_cgroup(f"{root}system.slice/containerd.service"),
+        "pause": node.add_cgroup("%s/cri-containerd-%s.scope" % (pod, CID_WEB_PAUSE)),
+        "app": node.add_cgroup("%s/cri-containerd-%s.scope" % (pod, CID_WEB_APP)),
+        "host": node.add_cgroup("%ssystem.slice/containerd.service" % (root,)),
     }
 
 
@@ -285,9 +286,8 @@ def test_cgroup_ids_of_sibling_containers_are_told_apart(node: FakeNode) -> None
     node.add_container_log("shop", "web-7d9f", UID_WEB, "envoy", CID_WEB_SIDECAR)
     ids = web_cgroups(node)
     sidecar = node.add_cgroup(
-        "kubepods.slice/kubepods-burstable.slice/"
-        f"kubepods-burstable-pod{UID_WEB.replace('-', '_')}.slice/"
-        f"cri-containerd-{CID_WEB_SIDECAR}.scope"
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice/cri-containerd-%s.scope"
+        % (UID_WEB.replace("-", "_"), CID_WEB_SIDECAR)
     )
     enr = node.enricher()
     enr.refresh()
@@ -305,9 +305,8 @@ def test_cgroup_ids_found_under_hybrid_unified_mount(tmp_path: Path) -> None:
     ids = web_cgroups(node, root="unified/")
     # A v1 hierarchy with the same layout must not be what is read.
     v1_app = node.add_cgroup(
-        "memory/kubepods.slice/kubepods-burstable.slice/"
-        f"kubepods-burstable-pod{UID_WEB.replace('-', '_')}.slice/"
-        f"cri-containerd-{CID_WEB_APP}.scope"
+        "memory/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice/cri-containerd-%s.scope"
+        % (UID_WEB.replace("-", "_"), CID_WEB_APP)
     )
     enr = node.enricher()
     enr.refresh()
@@ -390,9 +389,9 @@ def test_reused_netns_inode_drops_stale_pod_at_once(node: FakeNode) -> None:
 # --- concurrency --------------------------------------------------------
 
 
-def _in_thread(fn: Callable[[], object], timeout: float) -> tuple[bool, list[object]]:
+def _in_thread(fn: Callable[[], object], timeout: float) -> Tuple[bool, List[object]]:
     """Run fn() in a thread; (finished within timeout, [result])."""
-    out: list[object] = []
+    out: List[object] = []
     t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
     t.start()
     t.join(timeout)
@@ -408,7 +407,7 @@ def test_lookup_does_not_wait_for_a_running_refresh(node: FakeNode) -> None:
     # as a scan may stall on a slow /proc, until we write to it.
     d = node.proc / "800"
     (d / "ns").mkdir(parents=True)
-    os.symlink(f"net:[{NS_DB}]", d / "ns" / "net")
+    os.symlink("net:[%s]" % (NS_DB,), d / "ns" / "net")
     (d / "comm").write_text("postgres\n")
     node.add_pod("db", "pg-0", UID_DB, ["postgres"])
     fifo = d / "cgroup"
@@ -426,7 +425,7 @@ def test_lookup_does_not_wait_for_a_running_refresh(node: FakeNode) -> None:
         # The previous snapshot answers; the pod being scanned is not there yet.
         assert results == [(WEB, None)]
     finally:
-        line = f"0::/kubepods/pod{UID_DB}/{CID_DB_APP}\n"
+        line = "0::/kubepods/pod%s/%s\n" % (UID_DB, CID_DB_APP)
         os.write(writer, line.encode())
         os.close(writer)
     refresher.join(5.0)
@@ -451,8 +450,8 @@ def test_lookups_during_refreshes_see_whole_snapshots(node: FakeNode) -> None:
     add_web_pod(node)
     enr = node.enricher()
     enr.refresh()
-    errors: list[BaseException] = []
-    wrong: list[object] = []
+    errors: List[BaseException] = []
+    wrong: List[object] = []
     stop = threading.Event()
 
     def reader() -> None:
@@ -479,8 +478,8 @@ def test_lookups_during_refreshes_see_whole_snapshots(node: FakeNode) -> None:
 
 
 @pytest.fixture
-def counted_scans(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    calls: list[float] = []
+def counted_scans(monkeypatch: pytest.MonkeyPatch) -> Iterator[List[float]]:
+    calls: List[float] = []
 
     def counting(proc_root: str) -> ProcScan:
         calls.append(time.monotonic())
@@ -509,7 +508,7 @@ def test_background_refresher_picks_up_new_pod(node: FakeNode) -> None:
         enr.stop()
 
 
-def test_miss_nudges_refresher_long_before_its_period(node: FakeNode, counted_scans: list[float]) -> None:
+def test_miss_nudges_refresher_long_before_its_period(node: FakeNode, counted_scans: List[float]) -> None:
     enr = node.enricher(refresh_interval=3600.0)
     enr.start()
     try:
@@ -524,7 +523,7 @@ def test_miss_nudges_refresher_long_before_its_period(node: FakeNode, counted_sc
         enr.stop()
 
 
-def test_known_non_pod_lookups_do_not_trigger_scans(node: FakeNode, counted_scans: list[float]) -> None:
+def test_known_non_pod_lookups_do_not_trigger_scans(node: FakeNode, counted_scans: List[float]) -> None:
     node.add_pid(400, NS_OTHER, "v2-host-service.txt")
     host_cg = node.add_cgroup("system.slice/containerd.service")
     enr = node.enricher(refresh_interval=3600.0)
@@ -541,7 +540,7 @@ def test_known_non_pod_lookups_do_not_trigger_scans(node: FakeNode, counted_scan
         enr.stop()
 
 
-def test_miss_storm_is_rate_limited(node: FakeNode, counted_scans: list[float]) -> None:
+def test_miss_storm_is_rate_limited(node: FakeNode, counted_scans: List[float]) -> None:
     enr = node.enricher(refresh_interval=3600.0)
     enr.start()
     try:
@@ -571,7 +570,7 @@ def test_refresh_failure_keeps_serving_last_snapshot(node: FakeNode, monkeypatch
     add_web_pod(node)
     enr = node.enricher(refresh_interval=0.01)
     enr.refresh()
-    calls: list[int] = []
+    calls: List[int] = []
 
     def broken(proc_root: str) -> ProcScan:
         calls.append(1)
@@ -594,7 +593,7 @@ def test_podman_container_is_named_by_its_id_netns_and_cgroup(node: FakeNode) ->
     cid = "f5" * 32
     # as podman's cgroupfs manager on a hybrid host places it (what tests/real/test_image.py meets)
     node.add_pid(500, NS_OTHER, "v1-hybrid-podman-cgroupfs.txt", cid=cid, comm="bash")
-    ctr = node.add_cgroup(f"libpod_parent/libpod-{cid}")
+    ctr = node.add_cgroup("libpod_parent/libpod-%s" % (cid,))
     conmon = node.add_cgroup("libpod_parent/conmon")
     enr = node.enricher()
     enr.refresh()

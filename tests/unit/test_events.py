@@ -7,19 +7,20 @@ import os
 import socket
 
 import pytest
-from testpaths import KERNEL_FORMATS
 
 from rsttrace.capture import contract as c
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
 from rsttrace.pipeline.events import Clock, decode, infer_sent_reason
 from rsttrace.sinks.output import human, json_line
+from tests.testpaths import KERNEL_FORMATS
 
 STATES = {1: "TCP_ESTABLISHED", 2: "TCP_SYN_SENT", 6: "TCP_TIME_WAIT", 7: "TCP_CLOSE", 8: "TCP_CLOSE_WAIT",
           10: "TCP_LISTEN"}
 
 
 def facts(release: str = "6.18.44-fc-v657") -> kernel.KernelFacts:
-    f = kernel.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
+    f = kernel_read.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
     f.tcp_states = dict(STATES)  # what BTF would give; BTF itself is tested elsewhere
     return f
 
@@ -111,9 +112,8 @@ def test_readme_key_table_lists_every_json_key() -> None:
     """The README's `--json` table is the contract: every key the schema can print is in it."""
     import re
 
-    from testpaths import ROOT
-
     from rsttrace.pipeline.events import json_keys
+    from tests.testpaths import ROOT
 
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()

@@ -48,3 +48,13 @@ def test_parsers() -> None:
 def test_bad_input_names_the_problem(fn: object, arg: list, msg: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(FilterError, match=msg):
         fn(arg)  # type: ignore[operator]
+
+
+def test_summary_filters_counters_as_trace_filters_events() -> None:
+    f = EventFilter(kinds=["sent"], netns=7, family="ipv4")
+    assert f.match_count("sent", 7, "ipv4")
+    assert f.match_count("sent", 7, None)  # a counter without a family passes a family filter
+    assert not f.match_count("received", 7, "ipv4")
+    assert not f.match_count("sent", 8, "ipv4")
+    assert not f.match_count("sent", 7, "ipv6")
+    assert EventFilter().match_count("listen_drop", None, None)

@@ -6,18 +6,20 @@ import os
 from typing import Dict
 
 import pytest
-from testpaths import KERNEL_ROOTS
 
 from rsttrace.capture.tracer import TraceOptions, Tracer
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
+from tests import saved
+from tests.testpaths import KERNEL_ROOTS
 
 KERNELS = KERNEL_ROOTS
 
 
 def facts(version: str) -> kernel.KernelFacts:
     root = KERNELS[version]
-    f = kernel.gather(root, btf_path=None, release=version,
-                      functions=kernel.functions_fixture(os.path.join(root, "functions.txt")))
+    f = kernel_read.gather(root, btf_path=None, release=version,
+                      functions=saved.functions_fixture(os.path.join(root, "functions.txt")))
     f.tcp_states = {6: "TCP_TIME_WAIT", 10: "TCP_LISTEN", 12: "TCP_NEW_SYN_RECV"}
     return f
 
@@ -84,6 +86,6 @@ def test_live_probeable_functions_read_kallsyms(tmp_path: str) -> None:
     with open(ks, "w") as fh:
         fh.write("ffffffff82031a30 t tcp_v4_send_reset\nffffffff82022080 T tcp_conn_request\n"
                  "ffffffff82022090 d tcp_v4_syn_recv_sock\n")
-    got = kernel.probeable_functions(None, kallsyms=ks)
+    got = kernel_read.probeable_functions(None, kallsyms=ks)
     assert got["tcp_v4_send_reset"] and got["tcp_conn_request"]
     assert not got["tcp_v4_syn_recv_sock"]  # a data symbol is no function

@@ -14,9 +14,9 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from rsttrace import cli
-from rsttrace.sinks import log
-from rsttrace.sinks.httpserve import HttpServer, StartingApp, connection_limit
+from rsttrace import cli, log
+from rsttrace.sinks.httpserve import HttpServer, connection_limit
+from rsttrace.sinks.webapp import StartingApp
 
 
 @pytest.mark.parametrize(("nofile", "want"), [(256, 64), (1024, 100), (1 << 20, 100), (16, 8),
@@ -103,7 +103,7 @@ def test_a_taken_port_is_one_line_and_exit_2_before_anything_else(capsys: pytest
 def test_concurrent_scrapes_share_collections_begun_after_they_arrived() -> None:
     import threading
 
-    from rsttrace.sinks.httpserve import Coalescer
+    from rsttrace.sinks.webapp import Coalescer
 
     began: List[float] = []
     gate = threading.Event()

@@ -670,7 +670,7 @@ time.sleep(600)
 
 
 def user_pod_at(tmp: str) -> Any:
-    from kubelet import KubeletPod
+    from tests.real.kubelet import KubeletPod
 
     p = KubeletPod(tmp, SERVER_AS_USER, name="cart-5c8d")
     with open("/proc/%d/status" % p.proc.pid) as f:
@@ -818,7 +818,7 @@ def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
 
 @pytest.fixture()
 def user_pod(tmp_path: Any) -> Iterator[Any]:
-    from realkernel import require_real_kernel
+    from tests.real.realkernel import require_real_kernel
 
     require_real_kernel()
     for tool in ("unshare", "setpriv", "chroot", "ip"):
@@ -830,7 +830,7 @@ def user_pod(tmp_path: Any) -> Iterator[Any]:
 
 
 def resets_in(pod: Any, n: int) -> None:
-    from netlab import closed_port, connect_refused
+    from tests.real.netlab import closed_port, connect_refused
 
     with pod.ns.inside():
         connect_refused(socket.AF_INET, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1"), n)
@@ -884,7 +884,7 @@ def test_simulated_pod_sees_the_hosts_counters(base: Dict[str, Obj], image_prefi
 @pytest.mark.root
 def test_simulated_pod_sees_other_pods_syn_overflows(base: Dict[str, Obj], image_prefix: str, user_pod: Any,
                                                       tmp_path: Any) -> None:
-    from netlab import overflow_accept_queue
+    from tests.real.netlab import overflow_accept_queue
 
     sim = SimulatedPod(base, image_prefix, user_pod,
                        daemonset_container(base)["securityContext"]["capabilities"]["add"], str(tmp_path))

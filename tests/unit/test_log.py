@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from rsttrace.sinks import log
+from rsttrace import log
 
 
 def test_stdlib_records_and_exceptions_are_single_json_lines() -> None:

@@ -11,20 +11,20 @@ import socket
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
-from testpaths import KERNEL_FORMATS
-
 from rsttrace.capture import contract as c
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
 from rsttrace.pipeline import events
 from rsttrace.pipeline.events import Attribution, Clock, Event, decode, name_reason
 from rsttrace.sinks.output import human, json_line
+from tests.testpaths import KERNEL_FORMATS
 
 STATES = {1: "TCP_ESTABLISHED", 2: "TCP_SYN_SENT", 6: "TCP_TIME_WAIT", 7: "TCP_CLOSE", 8: "TCP_CLOSE_WAIT",
           10: "TCP_LISTEN"}
 
 
 def facts(release: str = "6.18.44-fc-v657") -> kernel.KernelFacts:
-    f = kernel.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
+    f = kernel_read.gather(os.path.join(KERNEL_FORMATS, release), btf_path=None, release=release)
     f.tcp_states = dict(STATES)
     return f
 

@@ -38,7 +38,7 @@ CONTRACT_METRICS = frozenset(
         "rsttrace_build_info",
     }
     | {
-        f"rsttrace_kernel_tcp_{name}_total"
+        "rsttrace_kernel_tcp_%s_total" % (name,)
         for name in (
             "out_rsts",
             "estab_resets",
@@ -96,7 +96,7 @@ def _promtool() -> str:
         "(apt-get install -y --no-install-recommends prometheus)"
     )
     if os.environ.get("CI", "").strip().lower() == "true":
-        pytest.fail(f"{message}; CI=true, so the alert rules must be checked, not skipped")
+        pytest.fail("%s; CI=true, so the alert rules must be checked, not skipped" % (message,))
     pytest.skip(message)
 
 
@@ -170,9 +170,9 @@ def test_rule_exprs_use_only_contract_metrics_and_recorded_rules() -> None:
     for rule in _rules():
         name = rule.get("alert") or rule.get("record")
         used = metric_names(rule["expr"])
-        assert used, f"{name}: no metric found in {rule['expr']!r}"
+        assert used, "%s: no metric found in %r" % (name, rule["expr"])
         unknown = used - allowed
-        assert not unknown, f"{name}: unknown metrics {sorted(unknown)}"
+        assert not unknown, "%s: unknown metrics %s" % (name, sorted(unknown))
 
 
 def test_recording_rules_follow_naming_convention() -> None:
@@ -192,7 +192,7 @@ def test_every_alert_has_severity_summary_and_hints() -> None:
         annotations = alert.get("annotations", {})
         assert annotations.get("summary", "").strip(), name
         description = annotations.get("description", "")
-        assert "Check" in description, f"{name}: description must say what to check"
+        assert "Check" in description, "%s: description must say what to check" % (name,)
 
 
 def test_required_alerts_exist() -> None:
@@ -234,7 +234,7 @@ def test_overflow_kinds_are_the_exporters() -> None:
     used: Set[str] = set()
     for where, text in texts:
         kinds = _overflow_kinds(text)
-        assert not kinds - exported, f"{where}: kinds the exporter does not export: {sorted(kinds - exported)}"
+        assert not kinds - exported, "%s: kinds the exporter does not export: %s" % (where, sorted(kinds - exported))
         used |= kinds
     # Refused SYNs and SYNs absorbed by cookies are told apart: each is selected somewhere.
     assert {"syn_queue_drop", "syn_drop", "syn_cookie"} <= used
@@ -264,8 +264,8 @@ def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
             for check in case.get("alert_rule_test", []):
                 (fired if check.get("exp_alerts") else quiet).add(check["alertname"])
     names = {alert["alert"] for alert in _alerts()}
-    assert not names - fired, f"alerts never shown to fire: {sorted(names - fired)}"
-    assert not names - quiet, f"alerts never shown to stay quiet: {sorted(names - quiet)}"
+    assert not names - fired, "alerts never shown to fire: %s" % sorted(names - fired)
+    assert not names - quiet, "alerts never shown to stay quiet: %s" % sorted(names - quiet)
 
 
 # --- Grafana dashboard ----------------------------------------------------------------------------
@@ -286,14 +286,14 @@ def test_every_panel_has_a_title_and_uses_the_datasource_variable() -> None:
     panels = list(_panels(_dashboard()["panels"]))
     assert panels
     for panel in panels:
-        assert str(panel.get("title", "")).strip(), f"panel {panel.get('id')} has no title"
+        assert str(panel.get("title", "")).strip(), "panel %s has no title" % panel.get("id")
         if panel.get("type") == "row":
             continue
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-        assert panel.get("targets"), f"{panel['title']}: no query"
+        assert panel.get("targets"), "%s: no query" % (panel["title"],)
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
-            assert "$instance" in target["expr"], f"{panel['title']}: query ignores $instance"
+            assert "$instance" in target["expr"], "%s: query ignores $instance" % (panel["title"],)
 
 
 def test_dashboard_has_the_required_panels() -> None:
@@ -307,9 +307,9 @@ def test_dashboard_exprs_use_only_contract_metrics_and_recorded_rules() -> None:
     allowed = CONTRACT_METRICS | _recorded()
     for title, expr in _dashboard_exprs():
         used = metric_names(expr)
-        assert used, f"{title}: no metric in {expr!r}"
+        assert used, "%s: no metric in %r" % (title, expr)
         unknown = used - allowed
-        assert not unknown, f"{title}: unknown metrics {sorted(unknown)}"
+        assert not unknown, "%s: unknown metrics %s" % (title, sorted(unknown))
 
 
 def test_dashboard_exprs_are_valid_promql(tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ def test_dashboard_exprs_are_valid_promql(tmp_path: Path) -> None:
     for index, (_, expr) in enumerate(_dashboard_exprs()):
         for variable, value in substitutions.items():
             expr = expr.replace(variable, value)
-        rules.append({"record": f"dashboard:query_{index}:check", "expr": expr})
+        rules.append({"record": "dashboard:query_%s:check" % (index,), "expr": expr})
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = _run([promtool, "check", "rules", str(path)], tmp_path)

@@ -10,10 +10,12 @@ import os
 from typing import Dict, Optional
 
 import pytest
-from testpaths import KERNEL_ROOTS as ROOTS
 
 from rsttrace.capture.tracer import TraceOptions, Tracer
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
+from tests import saved
+from tests.testpaths import KERNEL_ROOTS as ROOTS
 
 SKC_6_18 = {"OFF_SK_DADDR": 0, "OFF_SK_RCV_SADDR": 4, "OFF_SK_DPORT": 12, "OFF_SK_NUM": 14, "OFF_SK_FAMILY": 16,
             "OFF_SK_STATE": 18, "OFF_SK_NET": 48, "OFF_SK_V6_DADDR": 56, "OFF_SK_V6_RCV_SADDR": 72}
@@ -22,8 +24,8 @@ SKC_6_18 = {"OFF_SK_DADDR": 0, "OFF_SK_RCV_SADDR": 4, "OFF_SK_DPORT": 12, "OFF_S
 def facts(version: str, args_from: Optional[str] = None, offsets: Optional[Dict[str, int]] = None
           ) -> kernel.KernelFacts:
     root = ROOTS[version]
-    tp_args = kernel.tp_args_fixture(os.path.join(ROOTS[args_from or version], "tracepoint-args.txt"))
-    f = kernel.gather(root, btf_path=None, release=version, tp_args=tp_args)
+    tp_args = saved.tp_args_fixture(os.path.join(ROOTS[args_from or version], "tracepoint-args.txt"))
+    f = kernel_read.gather(root, btf_path=None, release=version, tp_args=tp_args)
     f.offsets.update(SKC_6_18 if offsets is None else offsets)
     return f
 
@@ -78,7 +80,7 @@ def test_prototype_disagreeing_with_the_format_keeps_the_perf_tracepoint() -> No
 
 
 def test_no_raw_without_prototypes_or_sock_common_offsets() -> None:
-    f = kernel.gather(ROOTS["6.18"], btf_path=None, release="6.18")  # no BTF: no prototypes, no offsets
+    f = kernel_read.gather(ROOTS["6.18"], btf_path=None, release="6.18")  # no BTF: no prototypes, no offsets
     assert not raw_macros(f)
     far = dict(SKC_6_18, OFF_SK_NET=4000)  # beyond one bounded read of sock_common
     assert not raw_macros(facts("6.18", offsets=far))

@@ -6,13 +6,15 @@ import json
 from typing import Any, Set
 
 import pytest
-from testpaths import KERNEL_ROOTS
 
 from rsttrace import cli
 from rsttrace.capture import contract as c
+from rsttrace.cli import common
 from rsttrace.kernel import facts as kernel
+from rsttrace.kernel import read as kernel_read
 from rsttrace.pipeline.events import name_reason
 from rsttrace.pipeline.overflow import DERIVED
+from tests.testpaths import KERNEL_ROOTS
 
 STATES = ["TCP_ESTABLISHED", "TCP_SYN_SENT", "TCP_SYN_RECV", "TCP_FIN_WAIT1", "TCP_FIN_WAIT2", "TCP_TIME_WAIT",
           "TCP_CLOSE", "TCP_CLOSE_WAIT", "TCP_LAST_ACK", "TCP_LISTEN", "TCP_CLOSING", "TCP_NEW_SYN_RECV", None]
@@ -41,8 +43,8 @@ def printable(facts: kernel.KernelFacts) -> Set[str]:
 
 @pytest.mark.parametrize("version", sorted(KERNEL_ROOTS))
 def test_reasons_lists_every_printable_name(version: str, monkeypatch: Any, capsys: Any) -> None:
-    facts = kernel.gather(KERNEL_ROOTS[version], btf_path=None, release=version)
-    monkeypatch.setattr(cli, "prepare", lambda need_root=True: facts)
+    facts = kernel_read.gather(KERNEL_ROOTS[version], btf_path=None, release=version)
+    monkeypatch.setattr(common, "prepare", lambda need_root=True: facts)
     assert cli.main(["reasons", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     listed = {r["name"] for r in rows}

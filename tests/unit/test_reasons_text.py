@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import List, Set
 
 import pytest
 
@@ -40,7 +41,7 @@ _SYMBOLIC = re.compile(r"__print_symbolic\(REC->reason,(?P<body>[^)]*)\)")
 _ENTRY = re.compile(r'\{\s*-?\d+\s*,\s*"(?P<name>[A-Za-z0-9_]+)"\s*\}')
 
 
-def parse_reason_names(format_text: str) -> list[str]:
+def parse_reason_names(format_text: str) -> List[str]:
     """Names in the __print_symbolic(REC->reason, {N, "NAME"}, ...) list of a tracefs format."""
     match = _SYMBOLIC.search(format_text)
     if match is None:
@@ -49,11 +50,11 @@ def parse_reason_names(format_text: str) -> list[str]:
 
 
 def _format_files(event: str) -> Iterator[Path]:
-    seen: set[str] = set()
+    seen: Set[str] = set()
     for root in FORMAT_ROOTS:
         if not root.is_dir():
             continue
-        for path in sorted(root.rglob(f"{event}/format")):
+        for path in sorted(root.rglob("%s/format" % (event,))):
             text = path.read_text()
             if text not in seen:  # the same capture copied into two places counts once
                 seen.add(text)
@@ -88,7 +89,7 @@ def test_every_reason_in_fixture_format_files_is_explained() -> None:
             continue
         with_reason += 1
         missing = [n for n in names if explain(n) is None]
-        assert not missing, f"{path}: no explanation for {missing}"
+        assert not missing, "%s: no explanation for %s" % (path, missing)
     assert with_reason >= 1, "expected at least one kernel (6.10+) with a reason field"
 
 
@@ -105,12 +106,12 @@ def test_lines_are_single_and_short() -> None:
         assert explanation is not None
         for line in (explanation.cause, explanation.check):
             assert "\n" not in line, name
-            assert len(line) <= MAX_LINE, f"{name}: {len(line)} chars: {line}"
+            assert len(line) <= MAX_LINE, "%s: %s chars: %s" % (name, len(line), line)
             assert line == line.strip(), name
 
 
 def test_no_duplicate_texts() -> None:
-    texts: list[str] = []
+    texts: List[str] = []
     for name in known_names():
         explanation = explain(name)
         assert explanation is not None
@@ -133,7 +134,7 @@ def test_lookup_normalizes_prefixes_and_case() -> None:
 def test_seed_causes_are_covered_in_plain_words() -> None:
     """The causes in the seeds (Netdata guide, RST explainer) each show up somewhere."""
     corpus = " ".join(
-        f"{e.cause} {e.check}" for e in (explain(n) for n in known_names()) if e is not None
+        "%s %s" % (e.cause, e.check) for e in (explain(n) for n in known_names()) if e is not None
     ).lower()
     for phrase in ("closed port", "crashed service", "scan", "so_linger 0", "half-open", "reboot",
                    "time_wait assassination", "accept queue", "memory", "syn flood"):

@@ -12,6 +12,7 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -110,7 +111,7 @@ def test_console_scripts_and_script_text() -> None:
     assert "from pkg.mod import obj\n" in text and "sys.exit(obj.run())" in text
 
 
-def _wheel(path: Path, files: dict[str, str]) -> Path:
+def _wheel(path: Path, files: Dict[str, str]) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         for name, text in files.items():
             zf.writestr(name, text)
@@ -177,7 +178,7 @@ def test_attach_dir_goes_to_rig_attach(tmp_path: Path) -> None:
         assert member.uid == 0 and member.uname == "root"
 
 
-def _result_disk(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
+def _result_disk(path: Path, members: List[Tuple[str, Optional[bytes]]]) -> Path:
     with tarfile.open(path, "w") as tf:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -215,7 +216,7 @@ def test_env_script_is_sourceable(tmp_path: Path) -> None:
     script = tmp_path / "env.sh"
     script.write_text(riglib.env_script(riglib.BY_LABEL["5.10"], {"X": "a 'b'"}))
     out = subprocess.run(
-        ["/bin/sh", "-c", f'. {script}; echo "$RSTTRACE_RIG_KERNEL $RSTTRACE_RIG_SUITE $X"'],
+        ["/bin/sh", "-c", ". %s; echo \"$RSTTRACE_RIG_KERNEL $RSTTRACE_RIG_SUITE $X\"" % (script,)],
         capture_output=True,
         text=True,
         check=True,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from testpaths import KERNEL_FORMATS
 
 from rsttrace.kernel.tracefs import Tracefs, parse_format, parse_print_symbolic
+from tests.testpaths import KERNEL_FORMATS
 
 K618 = os.path.join(KERNEL_FORMATS, "6.18.44-fc-v657")
 K612 = os.path.join(KERNEL_FORMATS, "6.12.107+deb13-amd64")

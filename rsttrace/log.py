@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, MutableMapping, Optional, TextIO
+from typing import Any, List, MutableMapping, Optional, TextIO
 
 import structlog
 
@@ -31,7 +31,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Optional[TextIO] =
             event.setdefault("node", node)
         return event
 
-    shared: list[Any] = [structlog.processors.add_log_level, add_node,
+    shared: List[Any] = [structlog.processors.add_log_level, add_node,
                          structlog.processors.TimeStamper(fmt="iso", utc=True)]
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())

@@ -567,8 +567,8 @@ def build_image(image: Image, cfg: BuildConfig) -> None:
     image.built_seconds = seconds
     say(
         release.label,
-        ".0f"
-        ".0f",  # type: ignore[operator]
+        "built %s image in %.0f s (debootstrap %.0f s, mke2fs %.0f s, %s MiB used)"
+        % (version, seconds, t_debootstrap, t_mke2fs, meta["image_bytes_used"] // (1 << 20)),  # type: ignore[operator]
     )
 
 
@@ -891,7 +891,7 @@ def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: 
                     continue
                 if msg.startswith("begin"):
                     in_command = True
-                    say(release.label, ".1f")
+                    say(release.label, "booted in %.1f s: %s" % (time.monotonic() - start, msg[5:].strip()))
                     continue
                 m = re.fullmatch(r"status (\d+)", msg)
                 if m:
@@ -907,7 +907,7 @@ def _run_qemu(cmd: Sequence[str], release: Release, boot: BootConfig, log_path: 
                 proc.kill()
                 proc.wait()
     elapsed = (result_at or time.monotonic()) - start
-    note = ".0f" if timed_out.is_set() and status is None else ""
+    note = "timed out after %.0f s" % (boot.timeout,) if timed_out.is_set() and status is None else ""
     if not note and status is None and proc.returncode not in (0, None):
         note = "qemu exited with status %s" % (proc.returncode,)
     return status, elapsed, note
@@ -1068,7 +1068,7 @@ def require_tools(names: Iterable[str]) -> None:
 
 
 def human_bytes(n: object) -> str:
-    return "%.2f GiB" % int(n) / (1 << 30) if isinstance(n, int) else "?"
+    return "%.2f GiB" % (int(n) / (1 << 30),) if isinstance(n, int) else "?"
 
 
 def main(argv: Sequence[str]) -> int:
@@ -1127,7 +1127,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.build_only:
         for r in releases:
             im = images[r.label]
-            how = "cached" if im.built_seconds is None else ".0f"
+            how = "cached" if im.built_seconds is None else "built in %.0f s" % (im.built_seconds,)
             say(r.label, "%s image %s: %s" % (im.meta.get("kernel"), how, im.directory))
         return 0
 
@@ -1198,7 +1198,7 @@ def print_summary(outcomes: Sequence[Outcome], out_root: Path) -> None:
     summary = []
     for o in outcomes:
         im = o.image
-        built = "cached" if im.built_seconds is None else ".0f"
+        built = "cached" if im.built_seconds is None else "built %.0f s" % (im.built_seconds,)
         boot_s = "%.1f s" % (o.boot_seconds,) if o.boot_seconds is not None else "-"
         status = str(o.status) if o.status is not None else "none (%s)" % (o.note,)
         rows.append(

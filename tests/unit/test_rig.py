@@ -230,3 +230,16 @@ def test_split_marker() -> None:
     assert riglib.split_marker("RSTTRACE-RIG: status 3") == ("", "status 3")
     # output without a trailing newline glued to the marker line
     assert riglib.split_marker("no newlineRSTTRACE-RIG: status 0") == ("no newline", "status 0")
+
+
+def test_summary_table_prints_sizes_and_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rig's closing table (every CI run prints it): sizes in GiB, build and boot times."""
+    release = riglib.RELEASES[0]
+    built = riglib.Image(release, "k", tmp_path, {"kernel": "5.10.0-32-amd64", "image_bytes_used": 983 << 20}, 299.4)
+    cached = riglib.Image(release, "k", tmp_path, {"kernel": "5.10.0-32-amd64"})
+    outcomes = [riglib.Outcome(release, built, 0, 594.6), riglib.Outcome(release, cached, None, None, "no status")]
+    riglib.print_summary(outcomes, tmp_path)
+    out = capsys.readouterr().out
+    assert "0.96 GiB" in out and "built 299 s" in out and "594.6 s" in out, out
+    assert "cached" in out and "none (no status)" in out and "?" in out, out
+    assert riglib.human_bytes("983") == "?"

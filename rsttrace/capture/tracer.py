@@ -8,13 +8,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from rsttrace.capture import codegen
 from rsttrace.capture import contract as c
 from rsttrace.capture.bccload import BccMissing, bcc_version, captured_output, import_bcc
 from rsttrace.capture.counters import CounterMaps, CounterTuple, stats
 from rsttrace.capture.headers import kernel_headers
+from rsttrace.capture.ringread import Records, RingReader, RingUnavailable, fd_of
 from rsttrace.capture.topmap import TopTuple, read_top, top_macros
 from rsttrace.kernel import hooks
 from rsttrace.kernel.facts import KernelFacts
@@ -35,6 +36,8 @@ class TraceOptions:
     force_perf: bool = False  # use the perf buffer even where a ring buffer exists (tests, old bcc)
     max_event_rate: Optional[int] = None  # events/s to user space (split over CPUs); None: all
     raw_tracepoints: bool = True  # raw tracepoints where the kernel's BTF types their arguments
+    # read the ring buffer's pages in batches (capture/ringread.py); False: bcc's per-record callback
+    direct_ring: bool = True
     # rsttrace top: every event counted by its tuple in the kernel's "top_counts" map of this many
     # keys, and none crossing to user space (RSTTRACE_TOP); None: no such map
     top_entries: Optional[int] = None
@@ -61,7 +64,8 @@ class Tracer:
     mounted: List[str] = field(default_factory=list)  # what start() had to mount
     notes: List[str] = field(default_factory=list)  # degradations found while starting
     _bcc: Optional[ModuleType] = None
-    _callback: Optional[Callable[[bytes], None]] = None
+    _callback: Optional[Records] = None
+    ring_reader: Optional[RingReader] = None  # the batch reader, when the ring buffer is read directly
     # Scrapes read the maps from HTTP threads while the main thread may be closing them.
     _lock: threading.Lock = field(default_factory=threading.Lock)
     counter_maps: CounterMaps = field(default_factory=CounterMaps)
@@ -100,8 +104,11 @@ class Tracer:
     def source(self) -> str:
         return codegen.program(self.facts, self.macros())
 
-    def start(self, callback: Optional[Callable[[bytes], None]] = None) -> None:
-        """Compile and attach. Raises TracerError with a one-line fix on failure."""
+    def start(self, callback: Optional[Records] = None) -> None:
+        """Compile and attach. Raises TracerError with a one-line fix on failure.
+
+        ``callback(buffer, offsets)`` gets records in batches: each record is ``RawEvent``'s bytes
+        at one of the offsets (events.Decoder.decode takes both)."""
         try:
             bcc = import_bcc()
         except BccMissing as e:
@@ -127,7 +134,7 @@ class Tracer:
                               "workload more" % e)
             self._start(bcc, src_dir, callback)
 
-    def _start(self, bcc: ModuleType, src_dir: Optional[str], callback: Optional[Callable[[bytes], None]]) -> None:
+    def _start(self, bcc: ModuleType, src_dir: Optional[str], callback: Optional[Records]) -> None:
         text = self.source()
         # libbcc reads BCC_KERNEL_SOURCE with getenv() while compiling: set it for the compile
         # only, so that nothing this process starts later inherits our private header tree.
@@ -202,10 +209,19 @@ class Tracer:
         cb = self._callback
         rec_size = ctypes.sizeof(c.RawEvent)
         string_at = ctypes.string_at
+        at_zero = [0]
+
+        if self.ringbuf and self.options.direct_ring and cb is not None:
+            try:
+                self.ring_reader = RingReader(fd_of(self.bpf[b"events"]), rec_size)
+                return
+            except (RingUnavailable, OSError) as e:
+                self.notes.append("reading the ring buffer record by record through bcc (%s): slower "
+                                  "under a storm" % e)
 
         def on_event(_ctx: Any, data: Any, _size: int) -> int:
             if cb is not None:
-                cb(string_at(data, rec_size))  # the record's bytes: events.decode unpacks them at once
+                cb(string_at(data, rec_size), at_zero)  # the record's bytes: decoded at offset 0
             return 0
 
         def on_perf(_cpu: int, data: Any, size: int) -> None:
@@ -225,7 +241,9 @@ class Tracer:
         if self.bpf is None or not self.options.events:
             time.sleep(timeout_ms / 1000.0)
             return
-        if self.ringbuf:
+        if self.ring_reader is not None and self._callback is not None:
+            self.ring_reader.poll(timeout_ms, self._callback)
+        elif self.ringbuf:
             self.bpf.ring_buffer_poll(timeout_ms)
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
@@ -262,6 +280,9 @@ class Tracer:
     def close(self) -> None:
         """Detach and unload everything (bcc's cleanup closes every program and map fd)."""
         with self._lock:
+            if self.ring_reader is not None:
+                self.ring_reader.close()  # its mappings first: cleanup() closes the map's fd
+                self.ring_reader = None
             if self.bpf is not None:
                 try:
                     self.bpf.cleanup()

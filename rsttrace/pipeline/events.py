@@ -294,8 +294,9 @@ class Decoder:
         self._names[(kind_raw, reason, state_raw, flags)] = names
         return names
 
-    def decode(self, data: bytes) -> Event:
-        v = RAW.unpack_from(data)
+    def decode(self, data: bytes, offset: int = 0) -> Event:
+        """The record at ``offset`` in ``data`` (a batch from the ring buffer holds many)."""
+        v = RAW.unpack_from(data, offset)
         key = (v[_KIND], v[_REASON], v[_STATE], v[_FLAGS])
         names = self._names.get(key) or self._name(*key)
         kind, rname, reason_raw, source, state, hook, process, peer, local_abort, syncookie = names

@@ -139,8 +139,11 @@ class Session:
                 break
 
     # --- events ------------------------------------------------------------------------
-    def _on_raw(self, raw: bytes) -> None:
-        self.deliver(self._decode(raw))
+    def _on_raw(self, buf: bytes, offsets: List[int]) -> None:
+        """A batch of records from the tracer: decoded from the one buffer, in order."""
+        decode, deliver = self._decode, self.deliver
+        for off in offsets:
+            deliver(decode(buf, off))
 
     def deliver(self, ev: Event) -> None:
         if ev.kind == "received" and ev.state in _FIN_WAIT and ev.source != "counters":

@@ -52,6 +52,7 @@ from .tools import (
     configurations,
     has_all_events,
     has_raw_flag,
+    has_top,
     has_write_flag,
     pick_bpftrace_program,
 )
@@ -128,7 +129,7 @@ class Bench:
         self.procs = params.procs or (os.cpu_count() or 1)
         self.all_events = has_all_events(self.rsttrace)
         self.configs = {c.key: c for c in configurations(self.all_events, has_raw_flag(self.rsttrace),
-                                                         has_write_flag(self.rsttrace))}
+                                                         has_write_flag(self.rsttrace), has_top(self.rsttrace))}
         self.bpftrace: Dict[str, str] = {}
         self.ns = Netns()
         self.results: Dict[str, Any] = {

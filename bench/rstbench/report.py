@@ -253,7 +253,7 @@ def _kernel_memory_lines(results: Dict[str, Any]) -> List[str]:
             lines.append("  of which heap (RssAnon) %.0f -> %.0f MiB, mapped files (RssFile: libbcc/LLVM, Python) "
                          "%.0f -> %.0f MiB" % (anon[0] / 1024, anon[-1] / 1024, files[0] / 1024, files[-1] / 1024))
     ready = [r["ready_s"] for r in results.get("rounds", []) if r["ready_s"] is not None
-             and r["config"] in ("counters", "trace", "trace_all", "trace_w", "export")]
+             and r["config"] in ("counters", "trace", "trace_all", "trace_w", "export", "top")]
     if ready:
         lines.append("rsttrace start to attached (process start to its 'ready' line), %d starts: median %.2f s, "
                      "max %.2f s" % (len(ready), statistics.median(ready), max(ready)))
@@ -282,6 +282,9 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, Optional[bool], str]]:
     ratio_target("counters only >= 0.97 (closed storm, median)", counters, 0.97)
     ratio_target("default event mode >= 0.93 (closed storm, median)", trace, 0.93)
     ratio_target("trace --json --all-events >= 0.80 (closed storm, median)", _row(results, mode, "trace_all"), 0.80)
+    for m in ("closed", "abort"):
+        if _row(results, m, "top") is not None:
+            ratio_target("top >= 0.97 (%s storm, median)" % m, _row(results, m, "top"), 0.97)
     for r in (counters, trace):
         if r is None or r.median is None or not others:
             continue
@@ -308,7 +311,7 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, Optional[bool], str]]:
                     "%.3f vs %.3f; lost %s, tcpdump dropped %s" % (tw.median, td.median, _si(tw.lost or 0),
                                                                  _si(td.lost or 0))))
     ready = [r["ready_s"] for r in results.get("rounds", []) if r["ready_s"] is not None
-             and r["config"] in ("counters", "trace", "trace_all", "trace_w", "export")]
+             and r["config"] in ("counters", "trace", "trace_all", "trace_w", "export", "top")]
     if ready:
         out.append(("start to attached <= 2 s", max(ready) <= 2.0,
                     "median %.2f s, max %.2f s" % (statistics.median(ready), max(ready))))

@@ -45,17 +45,21 @@ class Config:
     events: bool = False  # events cross to user space (delivered/lost are reported)
 
 
-def configurations(all_events_flag: bool, raw_flag: bool = False, write_flag: bool = False) -> List[Config]:
+def configurations(all_events_flag: bool, raw_flag: bool = False, write_flag: bool = False,
+                   top_flag: bool = False) -> List[Config]:
     """``raw_flag``: rsttrace has --no-raw-tracepoints; a row then measures the perf tracepoints
     it would fall back to, against the raw ones it uses, in the same run. ``write_flag``: it has
     `trace -w FILE.pcapng`; a row then measures every event written to a pcapng file, beside
-    tcpdump's pcap."""
+    tcpdump's pcap. ``top_flag``: it has `rsttrace top`; a row then measures its in-kernel map
+    sampled each second (issue 15's target: no costlier than export)."""
     every = ["--all-events"] if all_events_flag else []
     summary = ["summary", "--interval", "3600", "--json"]
     perf = [Config("counters_perf", "rsttrace summary, perf tracepoints", "rsttrace",
                    summary + ["--no-raw-tracepoints"])] if raw_flag else []
     write = [Config("trace_w", "rsttrace trace -w pcapng, every event", "rsttrace", ["trace", "-w", PCAPNG, *every],
                     events=True)] if write_flag else []
+    top = [Config("top", "rsttrace top --json, sampled 1/s", "rsttrace", ["top", "--json", "-d", "1"])] \
+        if top_flag else []
     return [
         Config("untraced", "untraced", "none"),
         Config("counters", "rsttrace summary (counters only)", "rsttrace", summary),
@@ -64,6 +68,7 @@ def configurations(all_events_flag: bool, raw_flag: bool = False, write_flag: bo
         Config("trace_all", "rsttrace trace --json, every event", "rsttrace", ["trace", "--json", *every], events=True),
         *write,
         Config("export", "rsttrace export, scraped 1/s", "rsttrace", ["export", "--netns-label"], events=True),
+        *top,
         Config("bpftrace", "bpftrace one-liner by reason", "bpftrace"),
         Config("tcpdump", "tcpdump -w pcap, RST filter", "tcpdump"),
     ]
@@ -79,6 +84,12 @@ def has_write_flag(rsttrace: Sequence[str]) -> bool:
     """Whether this rsttrace has `trace -w FILE` (pcapng)."""
     p = run(list(rsttrace) + ["trace", "--help"], check=False)
     return "--write" in p.stdout
+
+
+def has_top(rsttrace: Sequence[str]) -> bool:
+    """Whether this rsttrace has `rsttrace top`."""
+    p = run(list(rsttrace) + ["top", "--help"], check=False)
+    return p.returncode == 0 and "--max-keys" in p.stdout
 
 
 def has_all_events(rsttrace: Sequence[str]) -> bool:
@@ -258,7 +269,7 @@ class Running:
             if cfg.key.startswith("export") or cfg.args[0] == "export":
                 self.port = free_port()
                 argv += ["--listen", "127.0.0.1:%d" % self.port]
-            if cfg.args[0] == "summary":
+            if cfg.args[0] in ("summary", "top"):
                 argv += ["--netns", str(ns.inode)]
             # trace's events go to /dev/null, as `rsttrace trace --json > /dev/null`
             self.launch = Launch(argv, _rsttrace_ready, stdout_to_null=cfg.args[0] == "trace")

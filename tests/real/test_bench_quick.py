@@ -33,8 +33,9 @@ def test_bench_quick(tmp_path: Path) -> None:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO),
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert p.returncode == 0, "bench/run --quick failed:\n%s\n%s" % (p.stdout[-3000:], p.stderr[-3000:])
-    # this rsttrace has --no-raw-tracepoints and -w, so the bench adds the perf tracepoint and pcapng rows
-    expected = configurations(all_events_flag=False, raw_flag=True, write_flag=True)
+    # this rsttrace has --no-raw-tracepoints, -w and top, so the bench adds the perf tracepoint,
+    # pcapng and top rows
+    expected = configurations(all_events_flag=False, raw_flag=True, write_flag=True, top_flag=True)
     for cfg in expected:
         assert any(line.startswith(cfg.label) for line in p.stdout.splitlines()), (
             "no row for %s:\n%s\n%s" % (cfg.label, p.stdout, p.stderr[-2000:]))

@@ -6,6 +6,10 @@ package (rich and textual would add a dependency tree to the DaemonSet's image a
 a start already spent compiling the BPF program. The screen is a table of text lines
 (``top.table``) that curses only places, so batch output and the screen cannot disagree.
 
+Log lines (a namespace gone, a warning) would draw over the screen: they are held while it is up
+(``log.held``), counted on the status line, and written to stderr, in order, once the terminal is
+restored.
+
 Keys: ``q`` quits (the terminal is restored by ``curses.wrapper``, on any exit), ``s`` cycles the
 sort (rate, total, then each column), ``r`` rate, ``t`` total, space refreshes now; a resize
 redraws at once.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import curses
 from typing import Any, List, Optional
 
+from rsttrace import log
 from rsttrace.pipeline.top import SORTS, Snapshot, rank
 from rsttrace.pipeline.topsample import Sampler
 from rsttrace.sinks.toptext import Labels, table
@@ -23,7 +28,8 @@ from rsttrace.sinks.toptext import Labels, table
 HELP = "q quit  s sort: %s  r rate  t total  space refresh"
 
 
-def _draw(scr: Any, snap: Optional[Snapshot], labels: Labels, sort: str, whole: bool = False) -> None:
+def _draw(scr: Any, snap: Optional[Snapshot], labels: Labels, sort: str, whole: bool = False,
+          held: Optional[List[str]] = None) -> None:
     """One frame; ``whole`` repaints every cell (after a key or a resize) rather than what changed."""
     if whole:
         scr.clear()
@@ -46,6 +52,9 @@ def _draw(scr: Any, snap: Optional[Snapshot], labels: Labels, sort: str, whole: 
         except curses.error:
             pass  # the bottom-right cell, or a terminal shrinking while we draw
     status = HELP % sort
+    n = "".join(held).count("\n") if held else 0  # writes are pieces of lines
+    if n:
+        status += "  (%d log line%s shown at exit)" % (n, "" if n == 1 else "s")
     try:
         scr.addstr(height - 1, 0, status[:max(0, width - 1)], curses.A_BOLD)
     except curses.error:
@@ -57,7 +66,7 @@ def run_screen(sampler: Sampler, delay: float, labels: Labels, sort: str = "rate
                iterations: Optional[int] = None) -> None:
     """Draw every ``delay`` seconds until q, a signal, or ``iterations`` samples."""
 
-    def main(scr: Any) -> None:
+    def main(scr: Any, held: List[str]) -> None:
         nonlocal sort
         try:
             curses.curs_set(0)
@@ -66,7 +75,7 @@ def run_screen(sampler: Sampler, delay: float, labels: Labels, sort: str = "rate
         scr.timeout(100)  # getch() returns -1 after 100 ms: the wait's tick
         snap: Optional[Snapshot] = None
         n = 0
-        _draw(scr, snap, labels, sort)
+        _draw(scr, snap, labels, sort, held=held)
         quit_ = [False]
 
         def tick() -> bool:
@@ -86,7 +95,7 @@ def run_screen(sampler: Sampler, delay: float, labels: Labels, sort: str = "rate
                     snap.sort = sort
             elif key == ord(" "):
                 return True
-            _draw(scr, snap, labels, sort, whole=True)
+            _draw(scr, snap, labels, sort, whole=True, held=held)
             return False
 
         while not quit_[0] and (iterations is None or n < iterations):
@@ -94,6 +103,7 @@ def run_screen(sampler: Sampler, delay: float, labels: Labels, sort: str = "rate
                 break
             snap = sampler.sample(sort)
             n += 1
-            _draw(scr, snap, labels, sort)
+            _draw(scr, snap, labels, sort, held=held)
 
-    curses.wrapper(main)
+    with log.held() as held:
+        curses.wrapper(main, held)

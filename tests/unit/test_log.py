@@ -35,3 +35,17 @@ def test_level_applies_to_stdlib_records_too() -> None:
     log.get().info("hidden too")
     logging.getLogger("x").error("shown")
     assert [json.loads(x)["event"] for x in buf.getvalue().splitlines()] == ["shown"]
+
+
+def test_lines_held_while_a_screen_owns_the_terminal_come_out_in_order_after() -> None:
+    buf = io.StringIO()
+    log.configure("info", "json", buf)
+    log.get().info("before")
+    with log.held() as lines:
+        log.get().warning("namespace gone", netns=7)
+        logging.getLogger("some.library").warning("from a library")
+        assert [json.loads(x)["event"] for x in buf.getvalue().splitlines()] == ["before"]  # nothing drawn over
+        assert "".join(lines).count("\n") == 2  # what the screen's status line counts
+    log.get().info("after")
+    assert [json.loads(x)["event"] for x in buf.getvalue().splitlines()] == [
+        "before", "namespace gone", "from a library", "after"]

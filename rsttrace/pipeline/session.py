@@ -270,11 +270,18 @@ class Session:
             out = self._name_counts(self.tracer.counters())
             for k, n in self.retired.items():
                 out[k] = out.get(k, 0) + n
-            items = list(self.poller.totals.counts.items()) if self.poller is not None else []
-        for (dkind, dreason, dnetns, dport, dstate), n in items:
+        for (dkind, dreason, dnetns, dport, dstate), n in self.derived().items():
             key = CountKey(dkind, dreason, "kernel", dstate, None, dnetns, dport)
             out[key] = out.get(key, 0) + n
         return out
+
+    def derived(self) -> Dict[Tuple[str, str, int, Optional[int], Optional[str]], int]:
+        """The counter-derived kinds' totals since start, by (kind, reason, netns, port, state):
+        a copy taken under the lock the poller updates them under."""
+        if self.poller is None:
+            return {}
+        with self._lock:
+            return dict(self.poller.totals.counts)
 
     def _name_counts(self, raw: Dict[Tuple[int, Optional[int], int, int, int, int, int], int]) -> Dict[CountKey, int]:
         out: Dict[CountKey, int] = {}

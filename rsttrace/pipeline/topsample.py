@@ -17,13 +17,9 @@ def session_rows(session: Any, namer: Namer) -> Tuple[Dict[Row, int], Dict[str, 
     for t, n in raw.items():
         r = namer.row(t)
         rows[r] = rows.get(r, 0) + n
-    poller = session.poller
-    if poller is not None:
-        with session._lock:
-            derived = list(poller.totals.counts.items())
-        for (kind, reason, netns, port, state), n in derived:
-            r = Row(kind, reason, state, None, netns or None, None, port or None, None, None, "counters")
-            rows[r] = rows.get(r, 0) + n
+    for (kind, reason, netns, port, state), n in session.derived().items():
+        r = Row(kind, reason, state, None, netns or None, None, port or None, None, None, "counters")
+        rows[r] = rows.get(r, 0) + n
     return rows, {c.KIND_NAMES.get(k, "unknown:%d" % k): n for k, n in spill.items()}, len(raw)
 
 

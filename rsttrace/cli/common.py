@@ -67,12 +67,19 @@ def say(b: Tuple[float, float], unit: str = "") -> str:
     return argcheck.bounds(b[0], b[1], unit)
 
 
-def common_filters(p: argparse.ArgumentParser, check_netns: bool = True) -> None:
+def common_filters(p: argparse.ArgumentParser, check_netns: bool = True, many_netns: bool = False) -> None:
+    """--kind, --netns and -4/-6 for every command that filters; ``many_netns``: --netns takes a
+    comma list and repeats (``top``, whose map filters up to 64 namespaces in the kernel), each
+    item checked by the command."""
     p.add_argument("--kind", action="append", metavar="KIND",
                    help="%s (comma list or repeated)" % ", ".join(KIND_BY_NAME))
-    p.add_argument("--netns", type=argcheck.netns_inode, metavar="INODE",
-                   help="only this network namespace%s: its inode number (1 to %d) or net:[N] as readlink prints it"
-                        % (", which must exist" if check_netns else "", argcheck.NETNS_MAX))
+    if many_netns:
+        p.add_argument("--netns", action="append", metavar="INODES",
+                       help="only these network namespaces: inode numbers or net:[N], comma list (see `lsns -t net`)")
+    else:
+        p.add_argument("--netns", type=argcheck.netns_inode, metavar="INODE",
+                       help="only this network namespace%s: its inode number (1 to %d) or net:[N] as readlink prints "
+                            "it" % (", which must exist" if check_netns else "", argcheck.NETNS_MAX))
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from rsttrace.capture.contract import KIND_BY_NAME, TOP_ENTRIES_DEFAULT
+from rsttrace.capture.contract import TOP_ENTRIES_DEFAULT
 from rsttrace.capture.tracer import TraceOptions
 from rsttrace.cli import argcheck, common
 from rsttrace.cli.common import COUNT, UsageError, say, seconds
@@ -60,13 +60,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-keys", type=argcheck.integer(*TOP_KEYS), default=None, metavar="N",
                    help="tuples the kernel map holds (%s, default %d); past it resets are counted in a "
                         "\"map full\" line" % (say(TOP_KEYS), TOP_ENTRIES_DEFAULT))
-    p.add_argument("--kind", action="append", metavar="KIND",
-                   help="%s (comma list or repeated)" % ", ".join(KIND_BY_NAME))
-    p.add_argument("--netns", action="append", metavar="INODES",
-                   help="only these network namespaces: inode numbers or net:[N], comma list (see `lsns -t net`)")
-    fam = p.add_mutually_exclusive_group()
-    fam.add_argument("-4", "--ipv4", action="store_true", help="IPv4 only")
-    fam.add_argument("-6", "--ipv6", action="store_true", help="IPv6 only")
+    common.common_filters(p, many_netns=True)
     common.hook_args(p)
     common.attribution_args(p)
 

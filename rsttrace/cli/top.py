@@ -13,6 +13,7 @@ from rsttrace.capture.tracer import TraceOptions
 from rsttrace.cli import argcheck, common
 from rsttrace.cli.common import COUNT, UsageError, say, seconds
 from rsttrace.pipeline import top as topmod
+from rsttrace.pipeline import tophints
 from rsttrace.pipeline.filters import FilterError, parse_kinds
 from rsttrace.pipeline.topsample import Sampler
 from rsttrace.sinks import toptext
@@ -90,7 +91,7 @@ def cmd_top(args: argparse.Namespace) -> int:
                            top_netns=sorted(netns) if netns else None)
     session = common.new_session(facts, options, overflow_interval=min(1.0, args.delay))
     model = topmod.TopModel(by, prefix, max_keys, kinds=set(kinds) if kinds else None, netns=netns,
-                            family=common.family(args))
+                            family=common.family(args), hinter=tophints.hints)
     with common.running(session, args) as run:
         enricher = run.enricher
 

@@ -21,7 +21,7 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from rsttrace.capture import contract as c
 from rsttrace.kernel.facts import KernelFacts
@@ -233,8 +233,13 @@ class TopModel:
 
     def __init__(self, by: Sequence[str], prefix: Tuple[int, int] = (32, 128), max_keys: int = c.TOP_ENTRIES_DEFAULT,
                  kinds: Optional[Set[str]] = None, netns: Optional[Set[int]] = None,
-                 family: Optional[str] = None) -> None:
+                 family: Optional[str] = None, hinter: Optional[Callable[[Dict[Row, int]], List[Hint]]] = None
+                 ) -> None:
+        """``hinter``: what names the counts' patterns (``tophints.hints``, which imports this
+        module's Row and Hint: given here rather than imported, so neither module imports the other
+        at use)."""
         self.by = tuple(by)
+        self.hinter = hinter
         self.prefix = prefix
         self.max_keys = max_keys
         self.kinds = kinds
@@ -255,7 +260,6 @@ class TopModel:
                  now: Optional[float] = None, wall: Optional[float] = None, sort: str = "rate") -> Snapshot:
         """``rows``: every row's total since start; ``spill``: by kind; ``keys``: map entries in use;
         ``totals``: the exact counters by kind (filtered alike by the caller)."""
-        from rsttrace.pipeline import tophints  # it names Row and Hint from here: import at use
         now = time.monotonic() if now is None else now
         interval = max(1e-9, now - self._last)
         self._last = now
@@ -284,4 +288,4 @@ class TopModel:
         self._prev_totals = dict(totals)
         return Snapshot(time.time() if wall is None else wall, interval, now - self.started, self.by,
                         rank(list(groups.values()), sort, self.by), spill_pair, spill_kept, keys, self.max_keys,
-                        tot, tophints.hints(kept), sort)
+                        tot, self.hinter(kept) if self.hinter is not None else [], sort)

@@ -130,7 +130,7 @@ def test_client_rows_by_the_peers_port() -> None:
 
 
 def test_batch_text_and_json() -> None:
-    m = TopModel(("pid",))
+    m = TopModel(("pid",), hinter=tophints.hints)
     s = m.snapshot(scenario(), {"sent": 2}, 151, {"sent": 330}, now=m.started + 2)
     labels = Labels(lambda ns: "shop/web-1" if ns == 22 else None, proc_root="/nonexistent")
     out = io.StringIO()

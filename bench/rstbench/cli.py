@@ -81,6 +81,7 @@ class Params:
     rss_chunk: int  # iterations per chunk
     rss_budget: float  # seconds per tool at most
     profile_seconds: float
+    configs: str = ""  # --configs: only these throughput rows (comma list); "": all
 
 
 FULL = Params(rounds=5, rounds_other=3, duration=5.0, modes=["closed", "abort", "overflow"], procs=0, sweep_step=3.0,
@@ -131,6 +132,10 @@ class Bench:
         self.configs = {c.key: c for c in configurations(self.all_events, has_raw_flag(self.rsttrace),
                                                          has_write_flag(self.rsttrace), has_top(self.rsttrace))}
         self.bpftrace: Dict[str, str] = {}
+        self.only = [k.strip() for k in params.configs.split(",") if k.strip()]
+        unknown = [k for k in self.only if k not in self.configs]
+        if unknown:
+            raise BenchError("--configs: no row %s here (rows: %s)" % (",".join(unknown), ",".join(self.configs)))
         self.ns = Netns()
         self.results: Dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -180,7 +185,7 @@ class Bench:
         return True
 
     def throughput(self) -> None:
-        keys = [k for k in self.configs if self.available(k)]
+        keys = [k for k in self.configs if (not self.only or k in self.only or k == "untraced") and self.available(k)]
         self.results["configs"] = {k: self.configs[k].label for k in keys}
         self.results["unavailable"] = [k for k in self.configs if k not in keys]
         storm(self.storm_exe, self.ns, "closed", self.procs, 1.0)  # warm-up: caches, allocator pools
@@ -471,6 +476,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--modes", help="storm modes, comma list: closed,abort,overflow (full: all)")
     p.add_argument("--procs", type=int, default=0, help="storm processes (default: one per core)")
     p.add_argument("--skip", default="", help="phases to skip, comma list: throughput,python,kernel,memory")
+    p.add_argument("--configs", default="",
+                   help="only these throughput rows, comma list of keys (untraced is always paired): counters, "
+                        "counters_perf, trace, trace_all, trace_w, export, top, bpftrace, tcpdump (default: all)")
     p.add_argument("--rsttrace", default=default_rsttrace(),
                    help="how to run rsttrace (a command line; default %(default)s)")
     p.add_argument("--out", help="directory for results.json, table.md, profiles (default bench/out/DATE)")
@@ -489,6 +497,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     base = QUICK if args.quick else FULL
     params = Params(**asdict(base))
+    params.configs = args.configs
     if args.rounds:
         params.rounds = params.rounds_other = args.rounds
     if args.duration:

@@ -58,7 +58,8 @@ def configurations(all_events_flag: bool, raw_flag: bool = False, write_flag: bo
                    summary + ["--no-raw-tracepoints"])] if raw_flag else []
     write = [Config("trace_w", "rsttrace trace -w pcapng, every event", "rsttrace", ["trace", "-w", PCAPNG, *every],
                     events=True)] if write_flag else []
-    top = [Config("top", "rsttrace top --json, sampled 1/s", "rsttrace", ["top", "--json", "-d", "1"])] \
+    top = [Config("top", "rsttrace top --json --rows 20, sampled 1/s", "rsttrace",
+                  ["top", "--json", "-d", "1", "--rows", "20"])] \
         if top_flag else []
     return [
         Config("untraced", "untraced", "none"),

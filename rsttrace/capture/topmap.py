@@ -29,19 +29,42 @@ def top_macros(facts: KernelFacts, entries: int, netns: Optional[List[int]]) -> 
     return m
 
 
+_KEYS: Dict[bytes, TopTuple] = {}  # a key's bytes to its tuple: keys persist from read to read
+_KEYS_MAX = 1 << 21
+
+
+def _tuple(k: Any) -> TopTuple:
+    family = int(k.family)
+    alen = 4 if family == c.AF_INET else 16 if family == c.AF_INET6 else 0
+    return (int(k.kind), None if k.reason == c.REASON_NONE else int(k.reason), int(k.state),
+            family, int(k.netns), int(k.port), bytes(k.laddr)[:alen], bytes(k.raddr)[:alen],
+            int(k.pid), int(k.flags), bytes(k.comm).split(b"\0", 1)[0], bool(k.port_remote))
+
+
 def read_top(bpf: Any) -> Tuple[Dict[TopTuple, int], Dict[int, int]]:
-    """The map's rows summed over CPUs, and the per-kind spill (the caller holds the tracer's lock)."""
+    """The map's rows summed over CPUs, and the per-kind spill (the caller holds the tracer's lock).
+
+    Read with BPF_MAP_LOOKUP_BATCH where the kernel and bcc have it (5.6+; one syscall per
+    batch, measured: a full 10,240-key map in a fraction of the per-key walk's time), else key by
+    key."""
     rows: Dict[TopTuple, int] = {}
     spill: Dict[int, int] = {}
     if bpf is None:
         return rows, spill
-    for k, v in bpf[b"top_counts"].items():
-        family = int(k.family)
-        alen = 4 if family == c.AF_INET else 16 if family == c.AF_INET6 else 0
-        key: TopTuple = (int(k.kind), None if k.reason == c.REASON_NONE else int(k.reason), int(k.state),
-                         family, int(k.netns), int(k.port), bytes(k.laddr)[:alen], bytes(k.raddr)[:alen],
-                         int(k.pid), int(k.flags), bytes(k.comm).split(b"\0", 1)[0], bool(k.port_remote))
-        rows[key] = rows.get(key, 0) + sum(int(x) for x in v)
+    table = bpf[b"top_counts"]
+    try:
+        items: Any = list(table.items_lookup_batch())
+    except Exception:  # no batch ops (kernel < 5.6, old bcc): bcc raises a plain Exception
+        items = table.items()
+    cache = _KEYS
+    if len(cache) >= _KEYS_MAX:
+        cache.clear()
+    for k, v in items:
+        raw = bytes(k)
+        key = cache.get(raw)
+        if key is None:
+            key = cache[raw] = _tuple(k)
+        rows[key] = rows.get(key, 0) + sum(v)
     for k, v in bpf[b"top_spill"].items():
         total = sum(int(x) for x in v)
         if total:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from rsttrace.capture import contract as c
@@ -101,6 +101,18 @@ class Row:
     comm: str = ""  # the owner's name with pid, as the kernel saw it then
     port_remote: bool = False  # port is the peer's: a client on an ephemeral port (the kernel keyed it so)
 
+    def __hash__(self) -> int:
+        # computed once: every sample hashes every row several times (a full map is 10,240 rows),
+        # and the dataclass's own __hash__ rebuilds the 12-field tuple each time
+        h: Optional[int] = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+
+ROW_CACHE_MAX = 1 << 21  # above the map's largest size (--max-keys 1 Mi) with room for the counter rows
+
 
 class Namer:
     """TopTuples (tracer.top_counts) to Rows, names from the running kernel as trace prints them."""
@@ -109,6 +121,7 @@ class Namer:
         self.facts = facts
         self._names: Dict[Tuple[int, Optional[int], int, int], Tuple[str, Optional[str], Optional[str]]] = {}
         self._addrs: Dict[bytes, str] = {}
+        self._rows: Dict[Tuple[Any, ...], Row] = {}  # a map's keys persist: each named once
 
     def _addr(self, b: bytes) -> Optional[str]:
         if len(b) not in (4, 16):
@@ -121,6 +134,14 @@ class Namer:
         return text
 
     def row(self, t: Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes, bool]) -> Row:
+        r = self._rows.get(t)
+        if r is None:
+            if len(self._rows) >= ROW_CACHE_MAX:
+                self._rows.clear()
+            r = self._rows[t] = self._row(t)
+        return r
+
+    def _row(self, t: Tuple[int, Optional[int], int, int, int, int, bytes, bytes, int, int, bytes, bool]) -> Row:
         kind_raw, reason, state_raw, family, netns, lport, laddr, raddr, pid, flags, comm, port_remote = t
         nkey = (kind_raw, reason, state_raw, flags)
         names = self._names.get(nkey)
@@ -156,6 +177,7 @@ class Group:
     delta: int = 0
     rate: float = 0.0
     values: Dict[str, Set[Any]] = field(default_factory=dict)  # the other dimensions' distinct values
+    tie: Tuple[Tuple[int, int, str], ...] = ()  # _tie(self), computed once per key (TopModel)
 
 
 @dataclass
@@ -212,7 +234,7 @@ def _sort_value(v: Any) -> Tuple[int, int, str]:
 
 
 def _tie(g: Group) -> Tuple[Tuple[int, int, str], ...]:
-    return tuple(_sort_value(v) for v in g.key)
+    return g.tie or tuple(_sort_value(v) for v in g.key)
 
 
 def rank(groups: List[Group], sort: str, by: Sequence[str]) -> List[Group]:
@@ -250,6 +272,23 @@ class TopModel:
         self._prev: Dict[Tuple[Any, ...], int] = {}
         self._prev_spill = 0
         self._prev_totals: Dict[str, int] = {}
+        # per row: its group's key and its other dimensions' values; per key: its sort tie. A map's
+        # rows persist from sample to sample (Namer hands out the same Row), so each is placed once.
+        self._place: Dict[Row, Tuple[Tuple[Any, ...], List[Tuple[str, Any]]]] = {}
+        self._ties: Dict[Tuple[Any, ...], Tuple[Tuple[int, int, str], ...]] = {}
+
+    def _placed(self, r: Row, others: Sequence[str]) -> Tuple[Tuple[Any, ...], List[Tuple[str, Any]]]:
+        p = self._place.get(r)
+        if p is None:
+            if len(self._place) >= ROW_CACHE_MAX:
+                self._place.clear()
+                self._ties.clear()
+            key = tuple(value_of(r, d, self.prefix) for d in self.by)
+            vals = [(d, v) for d, v in ((d, value_of(r, d, self.prefix)) for d in others) if v is not None]
+            p = self._place[r] = (key, vals)
+            if key not in self._ties:
+                self._ties[key] = tuple(_sort_value(v) for v in key)
+        return p
 
     def keep(self, row: Row) -> bool:
         return ((self.kinds is None or row.kind in self.kinds)
@@ -263,19 +302,21 @@ class TopModel:
         now = time.monotonic() if now is None else now
         interval = max(1e-9, now - self._last)
         self._last = now
-        kept = {r: n for r, n in rows.items() if n and self.keep(r)}
+        if self.kinds is None and self.netns is None and self.family is None:
+            kept = {r: n for r, n in rows.items() if n}
+        else:
+            kept = {r: n for r, n in rows.items() if n and self.keep(r)}
         groups: Dict[Tuple[Any, ...], Group] = {}
         others = [d for d in DIMENSIONS if d not in self.by]
+        placed, ties = self._placed, self._ties
         for r, n in kept.items():
-            key = tuple(value_of(r, d, self.prefix) for d in self.by)
+            key, vals = placed(r, others)
             g = groups.get(key)
             if g is None:
-                g = groups[key] = Group(key, values={d: set() for d in others})
+                g = groups[key] = Group(key, values={d: set() for d in others}, tie=ties[key])
             g.total += n
-            for d in others:
-                v = value_of(r, d, self.prefix)
-                if v is not None:
-                    g.values[d].add(v)
+            for d, v in vals:
+                g.values[d].add(v)
         for key, g in groups.items():
             g.delta = g.total - self._prev.get(key, 0)
             g.rate = g.delta / interval

@@ -359,6 +359,8 @@ class Running:
             else:
                 rep.detail += " summary printed no totals"
             return
+        if sub == "top":
+            return  # nothing crosses to user space: no events to deliver or lose, no exit line
         if stopped is not None:
             rep.lost = int(stopped.get("lost_kernel", 0)) + int(stopped.get("lost_user", 0))
             if "delivered" in stopped:

@@ -10,7 +10,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from types import FrameType
-from typing import Callable, Dict, Iterator, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, NoReturn, Optional, Tuple
 
 from rsttrace import log
 from rsttrace.capture.contract import KIND_BY_NAME
@@ -126,11 +126,15 @@ def hook_args(p: argparse.ArgumentParser) -> None:
                         "more, and received resets always carry a socket cookie (raw: only sockets that have one)")
 
 
+def proc_root_arg(p: Any) -> None:
+    p.add_argument("--proc-root", default="/proc", metavar="DIR",
+                   help="the host's /proc (in a container: where it is mounted; default /proc)")
+
+
 def attribution_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pod attribution (events gain namespace, pod, container, container_id)")
     g.add_argument("--no-attribution", action="store_true", help="do not look up pods")
-    g.add_argument("--proc-root", default="/proc", metavar="DIR",
-                   help="the host's /proc (in a container: where it is mounted; default /proc)")
+    proc_root_arg(g)
     g.add_argument("--pods-dir", default="/var/log/pods", metavar="DIR",
                    help="kubelet's pod log directory: names pods without API access (default /var/log/pods)")
     g.add_argument("--containers-dir", default="/var/log/containers", metavar="DIR",
@@ -233,12 +237,17 @@ class Running:
         self.lost: Dict[str, int] = {}  # session.lost() as it stood at close
 
 
-def new_session(facts: KernelFacts, options: TraceOptions, sink: Optional[Callable[[Event], None]] = None,
-                event_filter: Optional[EventFilter] = None, overflow_interval: float = 1.0,
-                proc_root: str = "/proc") -> Session:
-    """The one place a command builds its Session (compiles nothing yet: that is start())."""
+def new_session(facts: KernelFacts, options: TraceOptions, args: argparse.Namespace,
+                sink: Optional[Callable[[Event], None]] = None, event_filter: Optional[EventFilter] = None,
+                overflow_interval: float = 1.0) -> Session:
+    """The one place a command builds its Session (compiles nothing yet: that is start()).
+
+    The host's /proc comes from the command's own ``--proc-root``: in a pod (``kubectl exec``)
+    the session lists every namespace there, and a command that forgot to pass it would see only
+    its container's and retire every other namespace's counts as gone (found so: ``top --netns``
+    in the DaemonSet's container showed no totals)."""
     return Session(facts, options, sink=sink, event_filter=event_filter, overflow_interval=overflow_interval,
-                   proc_root=proc_root)
+                   proc_root=getattr(args, "proc_root", "/proc"))
 
 
 @contextmanager

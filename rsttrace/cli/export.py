@@ -81,8 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("--metric-pod-labels needs attribution: drop --no-attribution")
     if args.metric_pod_labels and args.netns_label:
         raise UsageError("choose one of --metric-pod-labels and --netns-label")
-    session = common.new_session(facts, options, sink=sink, overflow_interval=args.overflow_interval,
-                                 proc_root=args.proc_root)
+    session = common.new_session(facts, options, args, sink=sink, overflow_interval=args.overflow_interval)
     run = None
     try:
         with common.running(session, args) as run:

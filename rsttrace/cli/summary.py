@@ -27,6 +27,7 @@ def add_parser(sub: Any) -> None:
                    help="stop after this long (%s)" % say(DURATION, "s"))
     s.add_argument("--json", action="store_true", help="one JSON object per interval")
     common.hook_args(s)
+    common.proc_root_arg(s)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     # Counters only: nothing crosses the ring buffer, so a summary costs the traced
     # workload as little as rsttrace can.
     session = common.new_session(facts, TraceOptions(events=False, raw_tracepoints=not args.no_raw_tracepoints),
-                                 overflow_interval=min(1.0, args.interval))
+                                 args, overflow_interval=min(1.0, args.interval))
     prev: Dict[Any, int] = {}
     started = time.monotonic()
     with common.running(session) as run:

@@ -89,7 +89,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     max_keys = args.max_keys or TOP_ENTRIES_DEFAULT
     options = TraceOptions(events=False, top_entries=max_keys, raw_tracepoints=not args.no_raw_tracepoints,
                            top_netns=sorted(netns) if netns else None)
-    session = common.new_session(facts, options, overflow_interval=min(1.0, args.delay))
+    session = common.new_session(facts, options, args, overflow_interval=min(1.0, args.delay))
     model = topmod.TopModel(by, prefix, max_keys, kinds=set(kinds) if kinds else None, netns=netns,
                             family=common.family(args), hinter=tophints.hints)
     with common.running(session, args) as run:

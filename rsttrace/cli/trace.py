@@ -88,8 +88,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             capture = pcapng.Capture(args.write)
         except OSError as e:
             raise UsageError("cannot write %s: %s" % (args.write, e.strerror or e)) from e
-    session = common.new_session(facts, options, sink=sink, event_filter=filt,
-                                 overflow_interval=args.overflow_interval, proc_root=args.proc_root)
+    session = common.new_session(facts, options, args, sink=sink, event_filter=filt,
+                                 overflow_interval=args.overflow_interval)
     if args.ebpf:
         out.write(session.tracer.source())
         return 0

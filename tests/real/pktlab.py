@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from rsttrace.kernel import netns as nsmod
+from tests.inet import checksum
 from tests.real.netlab import Netns
 
 ETH_P_IP = 0x0800
@@ -34,15 +35,6 @@ GATEWAY = "10.77.0.254"  # the wire side's only "address": a static neighbour en
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 # How long the wire stays silent before a round is over: longer under the rig's emulated CPUs.
 QUIET = 1.5 if os.environ.get("RSTTRACE_RIG") else 0.3
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 @dataclass
@@ -63,10 +55,10 @@ def build(seg: Segment) -> bytes:
                       5 << 4, seg.flags, 65535, 0, 0) + seg.payload
     src, dst = socket.inet_aton(seg.src), socket.inet_aton(seg.dst)
     pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.randrange(65536), 0x4000, 64,
                      socket.IPPROTO_TCP, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     return ip + tcp
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from rsttrace.sinks import pcapread
 from tests.real.netlab import Netns, closed_port, connect_refused, delta, linger0, overflow_on_ack, pair
-from tests.real.test_cli import rsttrace, wait_ready
+from tests.real.test_cli import refused, rsttrace, run_rsttrace, wait_ready
 
 FLAGS = {"sent": "0x0004", "received": "0x0004", "listen_overflow_syn": "0x0002", "syn_queue_overflow": "0x0002",
          "listen_drop": "0x0002", "listen_overflow_ack": "0x0010"}
@@ -217,21 +217,10 @@ def test_killed_capture_opens_up_to_its_last_whole_block(ns: Netns, tmp_path: Pa
 
 def test_write_to_a_pipe(ns: Netns) -> None:
     """`trace -w - | rsttrace read -`: the capture on stdout, nothing else there."""
-    proc = subprocess.Popen(rsttrace("--log-format", "json", "trace", "-w", "-", "--netns", str(ns.inode),
-                                     "--count", "4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        while b"ready" not in proc.stderr.readline():
-            assert proc.poll() is None, "rsttrace exited before it was ready"
-        before = ns.counters()
-        with ns.inside():
-            connect_refused(socket.AF_INET, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1"), 2)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    after = ns.counters()
-    assert proc.returncode == 0, err
+    rc, out, err, (before, after) = run_rsttrace(
+        ("--log-format", "json", "trace", "-w", "-", "--netns", str(ns.inode), "--count", "4"),
+        lambda _proc: refused(ns, 2), binary=True)
+    assert rc == 0, err
     assert out[:4] == b"\x0a\x0d\x0d\x0a"
     rd = subprocess.run(rsttrace("read", "-", "--json"), input=out, capture_output=True)
     assert rd.returncode == 0, rd.stderr

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
-from rsttrace.kernel import tracefs
+from rsttrace.kernel import procnet, tracefs
 from tests.real.netlab import Netns, closed_port, connect_refused, delta, overflow_accept_queue
 from tests.real.realkernel import require_real_kernel
 
@@ -45,12 +45,13 @@ def loaded_prog_ids() -> Set[int]:
     return {int(p["id"]) for p in json.loads(out)}
 
 
-def wait_ready(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
-    """Read stderr until the tracer logs that it is attached."""
+def wait_ready(proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
+    """Read stderr (text or bytes) until the tracer logs that it is attached."""
     assert proc.stderr is not None
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        line = proc.stderr.readline()
+        raw = proc.stderr.readline()
+        line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         if not line:
             raise AssertionError("rsttrace exited before it was ready (exit %s)" % proc.poll())
         if '"ready"' in line or "ready" in line.split():
@@ -63,12 +64,13 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
 T = TypeVar("T")
 
 
-def run_rsttrace(args: Sequence[str], during: Callable[[subprocess.Popen[str]], T],
-                 stop: Optional[int] = None) -> Tuple[int, str, str, T]:
+def run_rsttrace(args: Sequence[str], during: Callable[[subprocess.Popen[Any]], T],
+                 stop: Optional[int] = None, binary: bool = False) -> Tuple[int, Any, str, T]:
     """`rsttrace ARGS` as a user runs it: started, waited for until attached, ``during(proc)``
     done meanwhile, then (with ``stop``, that signal) read to its end; killed if it outlives
-    that. Returns (exit status, stdout, stderr, what ``during`` returned)."""
-    proc = subprocess.Popen(rsttrace(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    that. Returns (exit status, stdout, stderr, what ``during`` returned); ``binary``: stdout
+    as bytes (a capture on a pipe)."""
+    proc = subprocess.Popen(rsttrace(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=not binary)
     try:
         wait_ready(proc)
         value = during(proc)
@@ -78,27 +80,28 @@ def run_rsttrace(args: Sequence[str], during: Callable[[subprocess.Popen[str]], 
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, out, err, value
+    return proc.returncode, out, err if isinstance(err, str) else err.decode(errors="replace"), value
+
+
+def refused(ns: Netns, n: int) -> Tuple[procnet.Counters, procnet.Counters]:
+    """``n`` refused IPv4 connects in ``ns`` (n RSTs sent, n received): its counters before and after."""
+    before = ns.counters()
+    with ns.inside():
+        connect_refused(socket.AF_INET, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1"), n)
+    return before, ns.counters()
 
 
 def test_trace_json_contract_and_counts(ns: Netns) -> None:
-    proc = subprocess.Popen(
-        rsttrace("--log-format", "json", "trace", "--json", "--netns", str(ns.inode), "--count", "6",
-                 "--duration", "60"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_ready(proc)
-        ours = prog_ids_of(proc.pid)
-        before = ns.counters()
-        with ns.inside():
-            connect_refused(socket.AF_INET, "127.0.0.1", closed_port(socket.AF_INET, "127.0.0.1"), 3)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    after = ns.counters()
-    assert proc.returncode == 0, err
+    ours: Set[int] = set()
+
+    def during(proc: subprocess.Popen[str]) -> Tuple[procnet.Counters, procnet.Counters]:
+        ours.update(prog_ids_of(proc.pid))
+        return refused(ns, 3)
+
+    rc, out, err, (before, after) = run_rsttrace(
+        ("--log-format", "json", "trace", "--json", "--netns", str(ns.inode), "--count", "6", "--duration", "60"),
+        during)
+    assert rc == 0, err
     events: List[Dict[str, Any]] = [json.loads(line) for line in out.splitlines()]
     assert len(events) == 6
     for e in events:

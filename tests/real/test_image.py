@@ -392,6 +392,51 @@ def test_counts_and_attributes_resets_of_other_containers(pod: Pod) -> None:
             w.remove()
 
 
+def test_top_runs_in_the_daemonsets_container_as_kubectl_exec_would(pod: Pod) -> None:
+    """`kubectl exec ds/rsttrace -- rsttrace top ...` as the README gives it: the image's
+    rsttrace, the host's /proc and cgroup tree where the DaemonSet mounts them, its capabilities
+    and seccomp profile; a workload container's refused connects counted exactly, beside the
+    exporter already running in the same container. (Before ``new_session`` took --proc-root
+    from every command, top here listed only its container's namespace, retired the workload's
+    counts as gone and showed empty totals.)"""
+    w = Workload()
+    top: Optional[subprocess.Popen[str]] = None
+    try:
+        top = subprocess.Popen(
+            ["podman", "exec", pod.name, "rsttrace", "--log-format", "json", "top", "-b", "--json", "-n", "3",
+             "-d", "2", "--by", "kind", "--netns", str(w.netns), "--proc-root", "/host/proc",
+             "--cgroup-root", "/host/sys/fs/cgroup"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert top.stderr is not None
+        seen: List[str] = []
+        for line in top.stderr:  # counting starts once the programs are attached
+            seen.append(line)
+            if '"ready"' in line:
+                break
+        else:
+            raise AssertionError("top never became ready: %s" % "".join(seen)[-2000:])
+        before = w.out_rsts()
+        w.connect_closed(5)
+        made = w.out_rsts() - before
+        out, err = top.communicate(timeout=120)
+        assert top.returncode == 0, "".join(seen) + err
+        assert "Traceback" not in err
+        samples = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+        assert len(samples) == 3
+        last = samples[-1]
+        print("\nimage: top in the container counted %s for %d resets made" % (last["totals"], made))
+        assert made == 5
+        # the exact counters: empty here until the session listed namespaces in the host's /proc
+        assert last["totals"].get("sent", {}).get("total") == made, (last["totals"], err[-2000:])
+        assert {r["kind"]: r["total"] for r in last["rows"]}.get("sent") == made, last["rows"]
+        assert pod.running()  # the exporter beside it lived through top's compile
+    finally:
+        if top is not None and top.poll() is None:
+            top.kill()
+            top.wait()
+        w.remove()
+
+
 def attributed_resets(p: Pod) -> Tuple[Set[str], Set[str]]:
     """Container ids of the sent and received resets a fresh workload makes (3 refused connects)."""
     w = Workload()

@@ -20,6 +20,7 @@ from rsttrace.pipeline.events import Attribution, Event
 from rsttrace.pipeline.filters import EventFilter
 from rsttrace.sinks import pcapng, pcapread
 from rsttrace.sinks.output import human, json_line
+from tests.inet import checksum
 
 OFFSET = 1_764_000_000 * 10**9  # CLOCK_MONOTONIC -> wall clock, as a Clock would have it
 
@@ -67,16 +68,6 @@ def capture_bytes(events: List[Event], final: bool = True) -> bytes:
 def read(data: bytes) -> Tuple[pcapread.Reader, List[pcapread.Packet]]:
     r = pcapread.Reader(io.BytesIO(data))
     return r, list(r.packets())
-
-
-def checksum(data: bytes) -> int:
-    """RFC 1071, the plain way."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def test_round_trip_prints_what_trace_printed() -> None:

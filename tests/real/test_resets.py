@@ -189,6 +189,20 @@ def test_rst_received_by_established_connection(tracing: Any, ns: Netns) -> None
     cl.close()
 
 
+def time_wait(port: int) -> bool:
+    """Whether this thread's namespace has a TIME_WAIT mini-socket on local port ``port``: in
+    /proc/net/tcp its timer is 3 (the time-wait timer) and its state the substate it came from
+    (FIN_WAIT2 05 for an orphan, TIME_WAIT 06) (net/ipv4/tcp_ipv4.c, get_timewait4_sock)."""
+    with open("/proc/thread-self/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in ("05", "06")
+                    and fields[5].startswith("03:")):
+                return True
+    return False
+
+
 def test_data_to_time_wait_socket(tracing: Any, ns: Netns) -> None:
     """An orphaned FIN_WAIT2 socket becomes a TIME_WAIT mini-socket; new data to it is reset
     (tcp_timewait_state_process -> TCP_TW_RST). Before 6.10 the tracepoint cannot see it."""
@@ -201,7 +215,9 @@ def test_data_to_time_wait_socket(tracing: Any, ns: Netns) -> None:
         srv, cl, acc = pair()
         client_port = cl.getsockname()[1]
         cl.close()  # FIN; the peer ACKs; the orphan turns into a TIME_WAIT socket
-        time.sleep(0.2)
+        # only once that ACK is processed: before it the orphan is in FIN_WAIT1 and the data is
+        # a local abort (TCP_ABORT_ON_DATA, state CLOSE), as a slow emulated CPU showed (rig 7.2)
+        assert wait_for(lambda: time_wait(client_port), timeout=10), "the client never reached TIME_WAIT"
         acc.send(b"late data")
     assert wait_for(lambda: len(evs(tracing, ns, start, "sent")) >= 1 and len(evs(tracing, ns, start, "received")) >= 1)
     after = ns.counters()

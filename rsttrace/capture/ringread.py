@@ -96,8 +96,6 @@ class RingReader:
         self._words = producer[page:].cast("I")
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
-        self.records = 0  # records handed to the callback
-        self.batches = 0
 
     def poll(self, timeout_ms: int, on_records: Records) -> int:
         """Wait up to ``timeout_ms`` for data (0: do not wait), then consume all there is.
@@ -149,8 +147,6 @@ class RingReader:
         # not keep the producers from the space
         self._cons[0] = cons + off
         if offsets:
-            self.records += len(offsets)
-            self.batches += 1
             on_records(buf, offsets)
         return len(offsets)
 
